@@ -1,0 +1,336 @@
+"""`SurgicalModel`: the PEFT tuner that fine-tunes chosen blocks of a model in place and saves only their deltas."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .blocks import BlockMap, list_blocks
+from .config import SurgicalConfig
+from .deltas import KEY_PREFIX, check_delta_state_dict, check_fingerprint, fingerprint
+from .layer import SurgicalLayer, owned_tensors
+
+__all__ = ["SurgicalModel"]
+
+_NORMS_WITH_RUNNING_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _under(path: str, prefixes: list[str]) -> bool:
+    return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
+
+
+class SurgicalModel(BaseTuner):
+    """Surgical fine-tuning (Lee et al., ICLR 2023) as a PEFT tuner. Created by `peft.get_peft_model`.
+
+    The tuned blocks are trained in place: the model keeps its modules and its speed, and only the parameters of the
+    active adapter's blocks require grad. Each tuned module gets a `SurgicalLayer` that keeps the base weights and the
+    other adapters' deltas on the CPU. Frozen normalisation layers with running statistics (BatchNorm) always run in
+    eval mode, so their statistics cannot drift while the model trains; the tuned blocks' own statistics train and are
+    saved with the deltas.
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> from surgical_peft import SurgicalConfig
+        >>> base = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        >>> model = get_peft_model(base, SurgicalConfig(block="stage1"))
+        >>> model.peft_config["default"].target_modules
+        ['resnet.encoder.stages.0']
+        >>> sorted({name.split(".")[3] for name, p in model.named_parameters() if p.requires_grad})
+        ['stages']
+    """
+
+    prefix: str = "surgical_"
+    tuner_layer_cls = SurgicalLayer
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}  # blocks are resolved from structure instead
+
+    def _pre_injection_hook(self, model: nn.Module, config: SurgicalConfig, adapter_name: str) -> None:
+        # Called by BaseTuner.__init__ once nn.Module is set up and before the first adapter is injected.
+        self.surgical_layers = nn.ModuleDict()  # module path ("." as "/") -> layer, shared by all adapters
+        self._adapter_modules: dict[str, list[str]] = {}  # adapter -> paths of the modules it tunes
+        self._pending_targets: list[str] = []
+        self._adapters_enabled = True
+        self._base_fingerprint: dict[str, Any] | None = None
+        self._requires_grad_before: dict[str, bool] = {}
+
+    def _layer(self, path: str) -> SurgicalLayer:
+        return self.surgical_layers[path.replace(".", "/")]
+
+    # ----------------------------------------------------------------------------------------------------- injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """Resolve `block` names, check the base fingerprint, then let PEFT match `target_modules` (nothing is changed
+        in the model before all checks pass)."""
+        config: SurgicalConfig = self.peft_config[adapter_name]
+        blocks = list_blocks(model)
+        self._resolve_blocks(config, blocks)
+        current = self._fingerprint(model, blocks, config)
+        if config.base_fingerprint is not None and config.verify_base:
+            check_fingerprint(config.base_fingerprint, current)
+        self._pending_targets = []
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        except ValueError as error:
+            if "not found in the base model" not in str(error) and "No modules were targeted" not in str(error):
+                raise
+            raise type(error)(f"{error}\nThe model's blocks, for reference:\n{blocks}") from error
+        pending = self._pending_targets  # PEFT reports nested matches too; the outermost ones cover the rest
+        targets = [path for path in pending if not any(path.startswith(other + ".") for other in pending)]
+        if not self._requires_grad_before:
+            self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
+        owners = []
+        for target in targets:
+            for name, module in model.get_submodule(target).named_modules(prefix=target):
+                if _under(name, config.modules_to_save or []) or not any(True for _ in owned_tensors(module)):
+                    continue
+                key = name.replace(".", "/")
+                if key not in self.surgical_layers:
+                    self.surgical_layers[key] = SurgicalLayer(module)
+                self.surgical_layers[key].add_adapter(adapter_name)
+                owners.append(name)
+        if not owners:
+            raise ValueError(f"The modules matched by target_modules={config.target_modules} hold no tensors to tune.")
+        self._adapter_modules[adapter_name] = owners
+        config.base_fingerprint = config.base_fingerprint or current
+        self._activate(self.active_adapters)
+
+    def _resolve_blocks(self, config: SurgicalConfig, blocks: BlockMap) -> None:
+        if not config.blocks and config.target_modules is None:
+            raise ValueError(f"SurgicalConfig needs `block` or `target_modules`. {self._choices(blocks)}")
+        if not config.blocks:
+            return
+        if not blocks.structural:
+            raise ValueError(
+                f"{blocks.model_name} has no block map, so block={config.block!r} cannot be resolved. Pass "
+                f"`target_modules` instead (module names or a regex). {self._choices(blocks)}"
+            )
+        names = list(blocks) if config.blocks == ["all"] else config.blocks
+        resolved = blocks.target_modules(names)
+        if config.target_modules is not None and config.target_modules != resolved:
+            raise ValueError(
+                f"block={config.block!r} resolves to {resolved} on this {blocks.model_name}, but the config records "
+                f"target_modules={config.target_modules}; pass only one of them."
+            )
+        config.target_modules = resolved
+
+    @staticmethod
+    def _choices(blocks: BlockMap) -> str:
+        return f"The model's blocks (surgical_peft.list_blocks(model)):\n{blocks}"
+
+    def _fingerprint(self, model: nn.Module, blocks: BlockMap, config: SurgicalConfig) -> dict[str, Any]:
+        """Fingerprint of the base weights (snapshots where an adapter is loaded), skipping `modules_to_save`."""
+        if self._base_fingerprint is not None and not config.modules_to_save:
+            return self._base_fingerprint
+        base = {}
+        for path, tensor in model.state_dict(keep_vars=True).items():
+            module_path, _, name = path.rpartition(".")
+            layer = (
+                self.surgical_layers[key] if (key := module_path.replace(".", "/")) in self.surgical_layers else None
+            )
+            base[path] = layer.base[name] if layer is not None and name in layer.base else tensor
+        block_tensors: dict[str, dict[str, torch.Tensor]] = {block: {} for block in blocks}
+        for path, tensor in base.items():
+            block = blocks.block_of(path)
+            if block is not None and not _under(path, config.modules_to_save or []):
+                block_tensors[block][path] = tensor
+        result = fingerprint(blocks.model_name, block_tensors)
+        if not config.modules_to_save:
+            self._base_fingerprint = result
+        return result
+
+    def _create_and_replace(
+        self,
+        peft_config: SurgicalConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        # Nothing is replaced: the matched module is tuned in place. Layers are created once all matches are known.
+        self._pending_targets.append(current_key)
+
+    def _prepare_adapter_config(self, peft_config: SurgicalConfig, model_config: dict) -> SurgicalConfig:
+        return peft_config
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # The tuned tensors are the model's own; their dtype is the model's.
+        return
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # Trainability is set by `_activate`, which knows the active adapter's modules.
+        return
+
+    # ------------------------------------------------------------------------------------------- adapter switching
+    def _activate(self, adapter_names: list[str]) -> None:
+        """Load `adapter_names`' weights (the base weights when adapters are disabled) and set requires_grad."""
+        if len(adapter_names) > 1:
+            raise ValueError(
+                f"Surgical adapters replace weights in place, so only one can be active; got {adapter_names}."
+            )
+        active = adapter_names[0] if adapter_names and self._adapters_enabled else None
+        modules = self._adapter_modules.get(active, []) if active is not None else []
+        tuned = {path.replace(".", "/") for path in modules}
+        for key, layer in self.surgical_layers.items():
+            layer.load(active if key in tuned else None)
+        trainable = active is not None and not self.peft_config[active].inference_mode
+        tuned = set(modules)
+        auxiliary = [
+            name for name, module in self.model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)
+        ]
+        for path, parameter in self.model.named_parameters():
+            module_path = path.rpartition(".")[0]
+            if not _under(module_path, auxiliary):  # PEFT's modules_to_save wrappers manage their own parameters
+                parameter.requires_grad_(trainable and module_path in tuned)
+        self._freeze_norm_statistics(modules)
+
+    def _freeze_norm_statistics(self, tuned_modules: list[str]) -> None:
+        for path, module in self.model.named_modules():
+            if isinstance(module, _NORMS_WITH_RUNNING_STATS) and not _under(path, tuned_modules):
+                module.eval()
+
+    def train(self, mode: bool = True) -> SurgicalModel:
+        """`nn.Module.train`, except that frozen BatchNorm layers stay in eval mode (their statistics never drift)."""
+        super().train(mode)
+        active = self.active_adapters[0] if self.active_adapters and self._adapters_enabled else None
+        self._freeze_norm_statistics(self._adapter_modules.get(active, []))
+        return self
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter: its weights go into the model, the previous ones to the CPU."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} not found. Available: {list(self.peft_config)}.")
+        for name in names:
+            self.peft_config[name].inference_mode = inference_mode
+        self.active_adapter = adapter_name
+        self._activate(names)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        self._adapters_enabled = enabled
+        self._activate(self.active_adapters)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self.peft_config[name].inference_mode = not requires_grad
+        self._activate(self.active_adapters)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete `adapter_name`; if it was active, the first remaining adapter becomes active."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist. Available: {list(self.peft_config)}.")
+        del self.peft_config[adapter_name]
+        for path in self._adapter_modules.pop(adapter_name):
+            layer = self._layer(path)
+            layer.delete_adapter(adapter_name)
+            if not layer.adapters:
+                del self.surgical_layers[path.replace(".", "/")]
+        remaining = [name for name in self.active_adapters if name != adapter_name]
+        self.active_adapter = remaining or list(self.peft_config)[:1]
+        self._activate(self.active_adapters)
+
+    # ------------------------------------------------------------------------------------- merging and unloading
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """The active adapter's weights are always in the model, so merging only switches to `adapter_names`."""
+        if adapter_names:
+            self.set_adapter(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """Nothing to undo: merging never changes more than which adapter is active."""
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge and adapter_names:
+            self._activate(adapter_names)
+        for layer in self.surgical_layers.values():
+            if not merge:
+                layer.load(None)
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(self._requires_grad_before.get(name, parameter.requires_grad))
+        self.surgical_layers.clear()
+        self._adapter_modules.clear()
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    # ----------------------------------------------------------------------------------------- (de)serialisation
+    @staticmethod
+    def _tuner_of(model: nn.Module) -> SurgicalModel:
+        tuner = getattr(model, "base_model", None)
+        if not isinstance(tuner, SurgicalModel):
+            raise TypeError("Surgical adapters are saved and loaded through a PeftModel (peft.get_peft_model).")
+        return tuner
+
+    def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The live tensors an adapter applies to, keyed as in the adapter file."""
+        return {
+            f"{KEY_PREFIX}{path}.{name}": tensor
+            for path in self._adapter_modules[adapter_name]
+            for name, tensor in owned_tensors(self._layer(path).module)
+        }
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: SurgicalConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """The deltas of `adapter_name` (tuned - base), in `config.delta_dtype` for floating tensors."""
+        tuner = cls._tuner_of(model)
+        dtype = getattr(torch, config.delta_dtype) if config.delta_dtype else None
+        result = {}
+        for path in tuner._adapter_modules[adapter_name]:
+            layer = tuner._layer(path)
+            # Under FSDP or DeepSpeed the gathered `state_dict` holds the full tensors; the module may hold shards.
+            live = {
+                name: state_dict[f"{KEY_PREFIX}{path}.{name}"]
+                for name in layer.base
+                if f"{KEY_PREFIX}{path}.{name}" in state_dict
+            }
+            for name, delta in layer.delta(adapter_name, live).items():
+                cast = dtype if dtype is not None and delta.is_floating_point() else delta.dtype
+                result[f"{KEY_PREFIX}{path}.{name}"] = delta.to(cast).contiguous()
+        return result
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key  # adapter names never appear in the keys
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SurgicalConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Check the deltas against the model and apply them; on a bad file the adapter is removed again."""
+        tuner = cls._tuner_of(model)
+        try:
+            delta_dtype = getattr(torch, config.delta_dtype) if config.delta_dtype else None
+            check_delta_state_dict(state_dict, tuner._adapter_tensors(adapter_name), delta_dtype)
+        except ValueError:
+            tuner._forget(adapter_name)
+            raise
+        for path in tuner._adapter_modules[adapter_name]:
+            layer = tuner._layer(path)
+            layer.set_delta(adapter_name, {name: state_dict[f"{KEY_PREFIX}{path}.{name}"] for name in layer.base})
+        return {}  # everything is applied; nothing left for `load_state_dict`
+
+    def _forget(self, adapter_name: str) -> None:
+        """Remove an adapter whose weights could not be loaded, leaving the model as it was before it was added."""
+        if len(self.peft_config) == 1:
+            self._adapter_modules.pop(adapter_name, None)
+            self._unload_and_optionally_merge(merge=False)
+            self.peft_config.pop(adapter_name, None)
+        else:
+            self.delete_adapter(adapter_name)
