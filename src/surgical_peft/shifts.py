@@ -10,7 +10,7 @@ study from any :class:`datasets.Dataset` with an image column, deterministically
   :func:`spurious_shift`.
 
 The corruptions are reimplemented with numpy and PIL only. Their parameters per severity are those of
-``make_cifar_c.py``; where the originals assume 32x32 images (blur sizes), they are scaled to the image size.
+``make_cifar_c.py``; where the originals assume 32x32 images (blur sizes), they are scaled up to larger images.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 _REFERENCE_SIZE = 32  # side of the CIFAR images that make_cifar_c.py's blur parameters are tuned for
-_MAP_BATCH_SIZE = 256
+_MAP_BATCH_SIZE = 256  # examples decoded into memory at once
 
 # A corruption maps a float image of shape (height, width, channels) with values in [0, 1], one severity's
 # parameter and a random generator to a float image of the same shape; values are clipped afterwards.
@@ -64,8 +64,12 @@ def _to_image(array: np.ndarray) -> Image.Image:
 
 
 def _scale(x: np.ndarray) -> float:
-    """Size of ``x`` relative to the 32x32 images the original blur parameters assume."""
-    return min(x.shape[:2]) / _REFERENCE_SIZE
+    """Factor for the blur sizes, which make_cifar_c.py tunes for 32x32 images: the shorter side over 32.
+
+    It is never below 1: the original kernels are already a few pixels wide, and shrinking them would make some
+    severities a no-op (a disk of radius under 1 keeps only its centre pixel).
+    """
+    return max(1.0, min(x.shape[:2]) / _REFERENCE_SIZE)
 
 
 def _correlate(x: np.ndarray, kernel: np.ndarray, pad_mode: str) -> np.ndarray:
@@ -98,7 +102,7 @@ def _impulse_noise(x: np.ndarray, amount: float, rng: np.random.Generator) -> np
 
 def _defocus_blur(x: np.ndarray, params: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
     # An anti-aliased disk: a binary disk of `radius` smoothed by a Gaussian of `alias_blur` over a 3x3 support,
-    # as in make_cifar_c.py's disk(). Both, and the 3x3 support, are scaled from 32x32 to the image size.
+    # as in make_cifar_c.py's disk(). All three are scaled up for images larger than 32x32 (see _scale).
     scale = _scale(x)
     radius, alias_blur = (p * scale for p in params)
     support = max(1, math.ceil(scale))
@@ -115,7 +119,7 @@ def _defocus_blur(x: np.ndarray, params: tuple[float, float], rng: np.random.Gen
 def _motion_blur(x: np.ndarray, params: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
     # ImageMagick's MotionBlurImage, which make_cifar_c.py calls through Wand: a one-sided half-Gaussian of `sigma`
     # along a line at a random angle in [-45, 45] degrees, over 2 * ceil(radius) + 1 taps rounded to the pixel grid,
-    # with edge pixels repeated outside the image. Radius and sigma are scaled from 32x32 to the image size.
+    # with edge pixels repeated outside the image. Radius and sigma are scaled up as in _scale.
     scale = _scale(x)
     radius, sigma = (p * scale for p in params)
     taps = np.arange(2 * math.ceil(radius) + 1)
@@ -199,17 +203,18 @@ _SEVERITIES: dict[str, tuple[_Corruption, tuple[Any, ...]]] = {
     "shot_noise": (_shot_noise, (500, 250, 100, 75, 50)),
     "impulse_noise": (_impulse_noise, (0.01, 0.02, 0.03, 0.05, 0.07)),
     "defocus_blur": (_defocus_blur, ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))),
+    # Severities 3 and 4 blur alike: at sigma 2 the taps that radius 8 adds to radius 6 weigh < 1e-9 in total.
     "motion_blur": (_motion_blur, ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))),
-    "contrast": (_contrast, (0.75, 0.5, 0.4, 0.3, 0.15)),
-    "brightness": (_brightness, (0.05, 0.1, 0.15, 0.2, 0.3)),
     "fog": (_fog, ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))),
+    "brightness": (_brightness, (0.05, 0.1, 0.15, 0.2, 0.3)),
+    "contrast": (_contrast, (0.75, 0.5, 0.4, 0.3, 0.15)),
     "pixelate": (_pixelate, (0.95, 0.9, 0.85, 0.75, 0.65)),
     "jpeg_compression": (_jpeg_compression, (80, 65, 58, 50, 40)),
 }
 _NUM_SEVERITIES = 5
 
 CORRUPTIONS: tuple[str, ...] = tuple(_SEVERITIES)
-"""Names of the available corruptions, in the order of the CIFAR-10-C paper."""
+"""Names of the available corruptions, in the order of the CIFAR-10-C paper (which has 5 more)."""
 
 
 def _lookup(corruption: str, severity: int) -> tuple[_Corruption, Any]:
@@ -271,8 +276,12 @@ def _require_column(dataset: datasets.Dataset, column: str, role: str) -> None:
 
 def _require_image_column(dataset: datasets.Dataset, column: str) -> None:
     _require_column(dataset, column, "Image")
-    if not isinstance(dataset.features[column], datasets.Image):
-        raise ValueError(f"Column {column!r} must have the datasets.Image() feature, got {dataset.features[column]}.")
+    feature = dataset.features[column]
+    if not (isinstance(feature, datasets.Image) and feature.decode):
+        raise ValueError(
+            f"Column {column!r} must have the datasets.Image() feature (with decode=True), got {feature}; "
+            f"use dataset.cast_column({column!r}, datasets.Image())."
+        )
 
 
 def _labels(dataset: datasets.Dataset, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -403,8 +412,11 @@ def permute_labels(dataset: datasets.Dataset, *, seed: int = 0, label_column: st
 
 @functools.lru_cache(maxsize=64)
 def _marker_boxes(width: int, height: int, num_classes: int) -> tuple[tuple[int, int, int, int], ...]:
-    """Box of each class's marker: a square at clock position ``k / num_classes`` on the inscribed ellipse."""
-    side = max(2, min(width, height) // 8)
+    """The (left, top, right, bottom) box of each class's marker in a ``width`` x ``height`` image.
+
+    Class ``k``'s square sits at angle ``2 * pi * k / num_classes`` on the ellipse inscribed in the image.
+    """
+    side = max(3, min(width, height) // 6)
     angles = 2 * np.pi * np.arange(num_classes) / num_classes
     lefts = np.rint((width - side) / 2 * (1 + np.cos(angles))).astype(int)
     tops = np.rint((height - side) / 2 * (1 + np.sin(angles))).astype(int)
@@ -418,9 +430,11 @@ def _paint_markers(dataset: datasets.Dataset, markers: np.ndarray, num_classes: 
     def paint(images: list[Image.Image], indices: list[int]) -> dict[str, list[Image.Image]]:
         painted = []
         for image, index in zip(images, indices, strict=True):
-            image = image.copy()
-            image.paste("white", _marker_boxes(*image.size, num_classes)[markers[index]])
-            painted.append(image)
+            left, top, right, bottom = _marker_boxes(*image.size, num_classes)[markers[index]]
+            marked = image.copy()
+            marked.paste("black", (left, top, right, bottom))
+            marked.paste("white", (left + 1, top + 1, right - 1, bottom - 1))
+            painted.append(marked)
         return {column: painted}
 
     return dataset.map(
@@ -445,8 +459,9 @@ def spurious_shift(
     """Output-level shift: a spurious marker that predicts the label in the source but not in the target.
 
     The dataset is split deterministically into two halves, stratified by class. Every image gets a small white
-    square whose position encodes a class: class ``k`` of ``K`` sits at angle ``2 * pi * k / K`` (clockwise from
-    3 o'clock) on the ellipse inscribed in the image. In ``"source"`` the marker shows the example's own class with
+    square framed in black (so it shows on bright images too), a sixth of the shorter side wide, whose position
+    encodes a class: class ``k`` of ``K`` sits at angle ``2 * pi * k / K`` (clockwise from 3 o'clock) on the
+    ellipse inscribed in the image. In ``"source"`` the marker shows the example's own class with
     probability ``correlation`` and one of the other classes, uniformly, otherwise; in ``"target"`` it shows a
     uniformly random class, independent of the label (agreeing by chance, ``1 / K``).
 
@@ -524,7 +539,7 @@ def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator, max_iterations
         assignment = new_assignment
         for cluster in range(k):
             members = assignment == cluster
-            # An emptied cluster restarts from the point farthest from its own centre.
+            # An emptied cluster restarts from the point farthest from its nearest centre.
             centres[cluster] = points[members].mean(0) if members.any() else points[distances.min(1).argmax()]
     sizes = np.bincount(assignment, minlength=k)
     if not sizes.all():
