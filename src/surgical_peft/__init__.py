@@ -9,8 +9,8 @@ Example:
     >>> from transformers import ResNetConfig, ResNetForImageClassification
     >>> base = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
     >>> model = get_peft_model(base, surgical_peft.SurgicalConfig(block="stage1"))
-    >>> model.print_trainable_parameters()  # doctest: +ELLIPSIS
-    trainable params: 1,200 || all params: 4,... || trainable%: ...
+    >>> model.print_trainable_parameters()
+    trainable params: 92 || all params: 1,766 || trainable%: 5.2095
 """
 
 from aenum import extend_enum
@@ -24,9 +24,19 @@ from .blocks import BlockMap, list_blocks
 from .config import SurgicalConfig
 from .deltas import save_adapter
 from .model import SurgicalModel
+from .selection import BlockRanking, rank_blocks, select_blocks
 
 __version__ = "0.1.0"
-__all__ = ["BlockMap", "SurgicalConfig", "SurgicalModel", "list_blocks", "save_adapter"]
+__all__ = [
+    "BlockMap",
+    "BlockRanking",
+    "SurgicalConfig",
+    "SurgicalModel",
+    "list_blocks",
+    "rank_blocks",
+    "save_adapter",
+    "select_blocks",
+]
 
 
 def _register() -> None:

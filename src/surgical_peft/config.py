@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-__all__ = ["DELTA_DTYPES", "SurgicalConfig"]
+from .deltas import WEIGHTS_NAME, check_adapter_file
+
+__all__ = ["AUTO_CRITERIA", "DELTA_DTYPES", "SurgicalConfig"]
 
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
+AUTO_CRITERIA = ("rgn", "snr", "sweep")
 
 
 @dataclass
@@ -24,8 +29,9 @@ class SurgicalConfig(PeftConfig):
     Args:
         block: a block name or a list of them, resolved against the model by `surgical_peft.list_blocks`, e.g.
             `"stage1"` or `["embedder", "stage1"]` on ResNet, `"layer12"` or `"head"` on ViT; `"all"` tunes every block
-            (full fine-tuning, stored as deltas). The resolved module paths are written to `target_modules`, which is
-            what a saved adapter records.
+            (full fine-tuning, stored as deltas); `"auto"` picks the block(s) from target data: resolve it with
+            `surgical_peft.select_blocks(model, dataloader, config)` before `get_peft_model`. The resolved module
+            paths are written to `target_modules`, which is what a saved adapter records.
         target_modules: module names (exact or suffix match) or a regex, with PEFT's usual semantics; every parameter
             and persistent buffer under a matched module is tuned. Works on any `torch.nn.Module`. When both are given,
             `block` must resolve to the same modules.
@@ -36,7 +42,11 @@ class SurgicalConfig(PeftConfig):
             `"float16"` halves the adapter's bytes.
         base_fingerprint: hashes of the base weights, per block, filled in when the adapter is created; loading the
             adapter onto a different base raises an error that names the blocks that differ.
-        verify_base: set to `False` to load an adapter onto a base whose fingerprint differs. Never saved.
+        verify_base: set to `False` to load an adapter onto a base whose fingerprint differs, e.g.
+            `PeftModel.from_pretrained(model, path, verify_base=False)`. Never saved.
+        auto_criterion: how `block="auto"` ranks the blocks: `"rgn"` (Auto-RGN), `"snr"` (Auto-SNR) or `"sweep"`;
+            see `surgical_peft.rank_blocks`.
+        auto_top_k: how many of the best-ranked blocks `block="auto"` tunes.
 
     Example:
         >>> from surgical_peft import SurgicalConfig
@@ -65,6 +75,10 @@ class SurgicalConfig(PeftConfig):
     verify_base: bool = field(
         default=True, metadata={"help": "Refuse to load onto a base whose fingerprint differs. Not saved."}
     )
+    auto_criterion: str = field(
+        default="rgn", metadata={"help": f"How block='auto' ranks blocks, one of {AUTO_CRITERIA}."}
+    )
+    auto_top_k: int = field(default=1, metadata={"help": "How many top-ranked blocks block='auto' tunes."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +89,12 @@ class SurgicalConfig(PeftConfig):
                 raise ValueError(f"`block` must be a block name or a non-empty list of them, got {self.block!r}.")
         elif self.block is not None and not isinstance(self.block, str):
             raise TypeError(f"`block` must be a str or a list of str, got {type(self.block).__name__}.")
+        if "auto" in self.blocks and len(self.blocks) > 1:
+            raise ValueError(f"block='auto' picks the blocks itself and cannot be combined with others: {self.block}.")
+        if self.auto_criterion not in AUTO_CRITERIA:
+            raise ValueError(f"Unknown auto_criterion {self.auto_criterion!r}. Valid: {', '.join(AUTO_CRITERIA)}.")
+        if isinstance(self.auto_top_k, bool) or not isinstance(self.auto_top_k, int) or self.auto_top_k < 1:
+            raise ValueError(f"auto_top_k must be an int of at least 1, got {self.auto_top_k!r}.")
         if self.delta_dtype not in (None, *DELTA_DTYPES):
             raise ValueError(f"Unknown delta_dtype {self.delta_dtype!r}. Valid: None, {', '.join(DELTA_DTYPES)}.")
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -86,6 +106,19 @@ class SurgicalConfig(PeftConfig):
         if self.block is None:
             return []
         return [self.block] if isinstance(self.block, str) else list(self.block)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> SurgicalConfig:
+        """`PeftConfig.from_pretrained`; for a local adapter it also checks that the weights file is complete, so that
+        `PeftModel.from_pretrained` (which loads the config first) refuses a corrupt file before it changes the model.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        weights = Path(pretrained_model_name_or_path, subfolder or "", WEIGHTS_NAME)
+        if weights.is_file():
+            check_adapter_file(weights)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """The saved form: everything but `verify_base`, which is a loading-time choice."""

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 __all__ = ["save_adapter"]
 
 KEY_PREFIX = "base_model.model."
+WEIGHTS_NAME = "adapter_model.safetensors"
 _FINGERPRINT_DIGEST_CHARS = 16
 
 
@@ -44,8 +46,8 @@ def fingerprint(model_name: str, block_tensors: Mapping[str, Mapping[str, torch.
 def check_fingerprint(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Raise a `ValueError` naming what differs between the base an adapter was trained on and this one."""
     override = (
-        "To load it anyway, load the config with `SurgicalConfig.from_pretrained(path)`, set `verify_base=False` and "
-        "pass it as `PeftModel.from_pretrained(model, path, config=config)`."
+        "To load it anyway, pass `verify_base=False`: `PeftModel.from_pretrained(model, path, verify_base=False)`, "
+        "or set it on a `SurgicalConfig.from_pretrained(path)` passed as `config=`."
     )
     if recorded.get("model") != current["model"]:
         raise ValueError(
@@ -57,7 +59,7 @@ def check_fingerprint(recorded: Mapping[str, Any], current: Mapping[str, Any]) -
             f"This adapter was trained on a base with blocks {list(recorded_blocks)}, but this model's blocks are "
             f"{list(current_blocks)}. {override}"
         )
-    differing = [block for block in recorded_blocks if recorded_blocks[block] != current_blocks[block]]
+    differing = [block for block in current_blocks if recorded_blocks[block] != current_blocks[block]]
     if differing:
         raise ValueError(
             f"This adapter was trained on different base weights: block(s) {', '.join(differing)} differ from the "
@@ -85,6 +87,15 @@ def check_delta_state_dict(
             problems.append(f"{key} has dtype {delta.dtype}, expected {' or '.join(sorted(str(d) for d in allowed))}")
     if problems:
         raise ValueError("The adapter does not fit this model: " + "; ".join(problems[:5]) + ".")
+
+
+def check_adapter_file(path: Path) -> None:
+    """Raise a `ValueError` if `path` is not a complete safetensors file (only its header is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            file.keys()
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {error}") from error
 
 
 @contextmanager

@@ -17,6 +17,7 @@ Example:
     >>> import torch
     >>> from surgical_peft.layer import SurgicalLayer
     >>> linear = torch.nn.Linear(2, 2)
+    >>> _ = torch.nn.init.constant_(linear.weight, 0.5)  # exact arithmetic below
     >>> layer = SurgicalLayer(linear)
     >>> layer.add_adapter("a"); layer.load("a")
     >>> with torch.no_grad():
@@ -64,18 +65,20 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         self.adapters: set[str] = set()
         self.loaded: str | None = None
 
-    # BaseTunerLayer's view, for PEFT's status tools. The loaded adapter is the active one; merging is meaningless
-    # because the tuned weights are always the module's own.
-    @property
-    def active_adapter(self) -> list[str]:
-        return [self.loaded] if self.loaded is not None else []
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self.loaded is None
+    # BaseTunerLayer's view, for PEFT's status tools: `active_adapter` and `disable_adapters` report the tuner's state
+    # (set through `set_status`), the same on every layer as PEFT expects, whether or not this layer's module belongs
+    # to the active adapter. Merging is meaningless because the tuned weights are always the module's own.
+    def set_status(self, active_adapters: list[str], enabled: bool) -> None:
+        """Record the tuner's active adapters and whether adapters are enabled."""
+        self._active_adapter = list(active_adapters)
+        self._disable_adapters = not enabled
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.adapters)
+
+    def get_base_layer(self) -> nn.Module:
+        """The tuned module (PEFT asks for it, e.g. to move adapter weights to its device; there are none to move)."""
+        return self.module
 
     def forward(self, *args: object, **kwargs: object) -> None:
         raise RuntimeError("A SurgicalLayer holds bookkeeping only; the tuned module runs inside the model.")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.tuners.tuners_utils import BaseTuner, _delete_auxiliary_adapter
+from peft.utils.error import NoMatchingPeftModuleError
+from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter
 from torch import nn
 
 from .blocks import BlockMap, list_blocks
@@ -40,8 +41,9 @@ class SurgicalModel(BaseTuner):
         >>> model = get_peft_model(base, SurgicalConfig(block="stage1"))
         >>> model.peft_config["default"].target_modules
         ['resnet.encoder.stages.0']
-        >>> sorted({name.split(".")[3] for name, p in model.named_parameters() if p.requires_grad})
-        ['stages']
+        >>> trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        >>> sorted({name.split(".layers.")[0] for name in trainable})
+        ['base_model.model.resnet.encoder.stages.0']
     """
 
     prefix: str = "surgical_"
@@ -56,6 +58,7 @@ class SurgicalModel(BaseTuner):
         self._adapters_enabled = True
         self._base_fingerprint: dict[str, Any] | None = None
         self._requires_grad_before: dict[str, bool] = {}
+        self._awaiting_weights: set[str] = set()  # adapters created from a saved config, whose weights are not loaded
 
     def _layer(self, path: str) -> SurgicalLayer:
         return self.surgical_layers[path.replace(".", "/")]
@@ -66,34 +69,47 @@ class SurgicalModel(BaseTuner):
         in the model before all checks pass)."""
         config: SurgicalConfig = self.peft_config[adapter_name]
         blocks = list_blocks(model)
-        self._resolve_blocks(config, blocks)
         current = self._fingerprint(model, blocks, config)
-        if config.base_fingerprint is not None and config.verify_base:
+        if config.base_fingerprint is not None and config.verify_base:  # first: another model has other blocks
             check_fingerprint(config.base_fingerprint, current)
+        self._resolve_blocks(config, blocks)
         self._pending_targets = []
+        if not self._requires_grad_before:  # before PEFT's injection, which already switches adapters
+            self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
+        # PEFT's injection calls `set_adapter(active, inference_mode=<the new adapter's>)`, which must not change
+        # whether the adapters already there are trainable.
+        inference_modes = {name: other.inference_mode for name, other in self.peft_config.items()}
+        owners: list[str] = []
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
-        except ValueError as error:
-            if "not found in the base model" not in str(error) and "No modules were targeted" not in str(error):
-                raise
-            raise type(error)(f"{error}\nThe model's blocks, for reference:\n{blocks}") from error
-        pending = self._pending_targets  # PEFT reports nested matches too; the outermost ones cover the rest
-        targets = [path for path in pending if not any(path.startswith(other + ".") for other in pending)]
-        if not self._requires_grad_before:
-            self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
-        owners = []
-        for target in targets:
-            for name, module in model.get_submodule(target).named_modules(prefix=target):
-                if _under(name, config.modules_to_save or []) or not any(True for _ in owned_tensors(module)):
-                    continue
-                key = name.replace(".", "/")
-                if key not in self.surgical_layers:
-                    self.surgical_layers[key] = SurgicalLayer(module)
-                self.surgical_layers[key].add_adapter(adapter_name)
-                owners.append(name)
-        if not owners:
-            raise ValueError(f"The modules matched by target_modules={config.target_modules} hold no tensors to tune.")
+            pending = self._pending_targets  # PEFT reports nested matches too; the outermost ones cover the rest
+            targets = [path for path in pending if not any(path.startswith(other + ".") for other in pending)]
+            for target in targets:
+                for name, module in model.get_submodule(target).named_modules(prefix=target):
+                    if _under(name, config.modules_to_save or []) or not any(True for _ in owned_tensors(module)):
+                        continue
+                    key = name.replace(".", "/")
+                    if key not in self.surgical_layers:
+                        self.surgical_layers[key] = SurgicalLayer(module)
+                    self.surgical_layers[key].add_adapter(adapter_name)
+                    owners.append(name)
+            if not owners:
+                raise ValueError(
+                    f"The modules matched by target_modules={config.target_modules} hold no tensors to tune."
+                )
+        except Exception as error:
+            self._adapter_modules[adapter_name] = owners
+            self._forget(adapter_name)  # PEFT's injection has already set requires_grad flags: undo everything
+            if isinstance(error, NoMatchingPeftModuleError):
+                raise type(error)(f"{error}\nThe model's blocks, for reference:\n{blocks}") from error
+            raise
+        finally:
+            for name, mode in inference_modes.items():
+                if name in self.peft_config:
+                    self.peft_config[name].inference_mode = mode
         self._adapter_modules[adapter_name] = owners
+        if config.base_fingerprint is not None:
+            self._awaiting_weights.add(adapter_name)
         config.base_fingerprint = config.base_fingerprint or current
         self._activate(self.active_adapters)
 
@@ -102,6 +118,11 @@ class SurgicalModel(BaseTuner):
             raise ValueError(f"SurgicalConfig needs `block` or `target_modules`. {self._choices(blocks)}")
         if not config.blocks:
             return
+        if config.blocks == ["auto"]:
+            raise ValueError(
+                "block='auto' must be resolved on target data before the adapter is created: "
+                "config = surgical_peft.select_blocks(model, dataloader, config), then get_peft_model(model, config)."
+            )
         if not blocks.structural:
             raise ValueError(
                 f"{blocks.model_name} has no block map, so block={config.block!r} cannot be resolved. Pass "
@@ -124,8 +145,14 @@ class SurgicalModel(BaseTuner):
         """Fingerprint of the base weights (snapshots where an adapter is loaded), skipping `modules_to_save`."""
         if self._base_fingerprint is not None and not config.modules_to_save:
             return self._base_fingerprint
+        wrappers = [f"{name}." for name, _ in self._auxiliary_modules()]
         base = {}
         for path, tensor in model.state_dict(keep_vars=True).items():
+            wrapper = next((prefix for prefix in wrappers if path.startswith(prefix)), None)
+            if wrapper is not None:  # a modules_to_save wrapper: the original module is the base, not the copies
+                if not path.startswith(f"{wrapper}original_module."):
+                    continue
+                path = wrapper + path.removeprefix(f"{wrapper}original_module.")
             module_path, _, name = path.rpartition(".")
             layer = (
                 self.surgical_layers[key] if (key := module_path.replace(".", "/")) in self.surgical_layers else None
@@ -176,27 +203,27 @@ class SurgicalModel(BaseTuner):
         tuned = {path.replace(".", "/") for path in modules}
         for key, layer in self.surgical_layers.items():
             layer.load(active if key in tuned else None)
+            layer.set_status(adapter_names, self._adapters_enabled)
         trainable = active is not None and not self.peft_config[active].inference_mode
         tuned = set(modules)
-        auxiliary = [
-            name for name, module in self.model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)
-        ]
+        auxiliary = [name for name, _ in self._auxiliary_modules()]
         for path, parameter in self.model.named_parameters():
             module_path = path.rpartition(".")[0]
             if not _under(module_path, auxiliary):  # PEFT's modules_to_save wrappers manage their own parameters
                 parameter.requires_grad_(trainable and module_path in tuned)
-        self._freeze_norm_statistics(modules)
+        self._set_norm_modes(modules)
 
-    def _freeze_norm_statistics(self, tuned_modules: list[str]) -> None:
+    def _set_norm_modes(self, tuned_modules: list[str]) -> None:
+        """Frozen norms with running statistics run in eval mode; the tuned ones follow the model's mode."""
         for path, module in self.model.named_modules():
-            if isinstance(module, _NORMS_WITH_RUNNING_STATS) and not _under(path, tuned_modules):
-                module.eval()
+            if isinstance(module, _NORMS_WITH_RUNNING_STATS):
+                module.train(self.model.training and _under(path, tuned_modules))
 
     def train(self, mode: bool = True) -> SurgicalModel:
         """`nn.Module.train`, except that frozen BatchNorm layers stay in eval mode (their statistics never drift)."""
         super().train(mode)
         active = self.active_adapters[0] if self.active_adapters and self._adapters_enabled else None
-        self._freeze_norm_statistics(self._adapter_modules.get(active, []))
+        self._set_norm_modes(self._adapter_modules.get(active, []))
         return self
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -209,22 +236,32 @@ class SurgicalModel(BaseTuner):
             self.peft_config[name].inference_mode = inference_mode
         self.active_adapter = adapter_name
         self._activate(names)
+        _set_adapter(self.model, names, inference_mode=inference_mode)  # PEFT's modules_to_save wrappers
+
+    def _auxiliary_modules(self) -> list[tuple[str, AuxiliaryTrainingWrapper]]:
+        """PEFT's wrappers of `modules_to_save`, which switch, train and unload by themselves."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         self._adapters_enabled = enabled
         self._activate(self.active_adapters)
+        for _, module in self._auxiliary_modules():
+            module.enable_adapters(enabled)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self.peft_config[name].inference_mode = not requires_grad
         self._activate(self.active_adapters)
+        for _, module in self._auxiliary_modules():
+            module.set_requires_grad(names, requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete `adapter_name`; if it was active, the first remaining adapter becomes active."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} does not exist. Available: {list(self.peft_config)}.")
         del self.peft_config[adapter_name]
+        self._awaiting_weights.discard(adapter_name)
         for path in self._adapter_modules.pop(adapter_name):
             layer = self._layer(path)
             layer.delete_adapter(adapter_name)
@@ -233,12 +270,28 @@ class SurgicalModel(BaseTuner):
         remaining = [name for name in self.active_adapters if name != adapter_name]
         self.active_adapter = remaining or list(self.peft_config)[:1]
         self._activate(self.active_adapters)
+        _delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.active_adapters)
 
     # ------------------------------------------------------------------------------------- merging and unloading
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """The active adapter's weights are always in the model, so merging only switches to `adapter_names`."""
+        """The active adapter's weights are always in the model, so merging only switches to `adapter_names`;
+        `safe_merge` checks that they are finite."""
         if adapter_names:
             self.set_adapter(adapter_names)
+        if safe_merge:
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        """Raise a `ValueError` if the weights of the modules the active adapter tunes hold NaN or inf."""
+        active = self.active_adapters[0] if self.active_adapters and self._adapters_enabled else None
+        broken = [
+            f"{path}.{name}"
+            for path in self._adapter_modules.get(active, [])
+            for name, tensor in owned_tensors(self._layer(path).module)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+        ]
+        if broken:
+            raise ValueError(f"NaNs detected in the weights of adapter {active!r} ({', '.join(broken[:3])}).")
 
     def unmerge_adapter(self) -> None:
         """Nothing to undo: merging never changes more than which adapter is active."""
@@ -251,14 +304,30 @@ class SurgicalModel(BaseTuner):
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
         if merge and adapter_names:
-            self._activate(adapter_names)
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        elif merge and safe_merge:
+            self._check_finite()
         for layer in self.surgical_layers.values():
             if not merge:
                 layer.load(None)
+        for path, module in self._auxiliary_modules():
+            parent, _, name = path.rpartition(".")
+            unwrapped = (
+                module.unload_and_optionally_merge_module(merge=True, safe_merge=safe_merge, adapter_names=None)
+                if merge
+                else module.original_module
+            )
+            setattr(self.model.get_submodule(parent), name, unwrapped)
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_(self._requires_grad_before.get(name, parameter.requires_grad))
+        for module in self.model.modules():  # no norm is held in eval mode any more
+            if isinstance(module, _NORMS_WITH_RUNNING_STATS):
+                module.train(self.model.training)
         self.surgical_layers.clear()
         self._adapter_modules.clear()
+        self._requires_grad_before = {}
+        self._awaiting_weights.clear()
+        self._base_fingerprint = None
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
@@ -313,21 +382,30 @@ class SurgicalModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: SurgicalConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Check the deltas against the model and apply them; on a bad file the adapter is removed again."""
+        """Check the deltas against the model and apply them; a bad file leaves the model as it was (an adapter added
+        for it is removed again).
+
+        Returns the full weights of `modules_to_save`, which PEFT loads into its wrappers itself.
+        """
         tuner = cls._tuner_of(model)
+        auxiliary = tuple(f"{KEY_PREFIX}{name}." for name, _ in tuner._auxiliary_modules())
+        full = {key: tensor for key, tensor in state_dict.items() if auxiliary and key.startswith(auxiliary)}
+        deltas = {key: tensor for key, tensor in state_dict.items() if key not in full}
         try:
             delta_dtype = getattr(torch, config.delta_dtype) if config.delta_dtype else None
-            check_delta_state_dict(state_dict, tuner._adapter_tensors(adapter_name), delta_dtype)
+            check_delta_state_dict(deltas, tuner._adapter_tensors(adapter_name), delta_dtype)
         except ValueError:
-            tuner._forget(adapter_name)
+            if adapter_name in tuner._awaiting_weights:
+                tuner._forget(adapter_name)
             raise
+        tuner._awaiting_weights.discard(adapter_name)
         for path in tuner._adapter_modules[adapter_name]:
             layer = tuner._layer(path)
-            layer.set_delta(adapter_name, {name: state_dict[f"{KEY_PREFIX}{path}.{name}"] for name in layer.base})
-        return {}  # everything is applied; nothing left for `load_state_dict`
+            layer.set_delta(adapter_name, {name: deltas[f"{KEY_PREFIX}{path}.{name}"] for name in layer.base})
+        return full
 
     def _forget(self, adapter_name: str) -> None:
-        """Remove an adapter whose weights could not be loaded, leaving the model as it was before it was added."""
+        """Remove an adapter that could not be added or loaded, leaving the model as it was before it was added."""
         if len(self.peft_config) == 1:
             self._adapter_modules.pop(adapter_name, None)
             self._unload_and_optionally_merge(merge=False)
