@@ -474,3 +474,10 @@ def test_bad_file_for_an_existing_adapter_keeps_it(
     assert list(peft_model.peft_config) == ["default"]
     assert torch.equal(logits_of(peft_model), expected)
     assert peft_model.get_nb_trainable_parameters()[0] == list_blocks(peft_model).num_parameters["stage1"]
+
+
+def test_base_in_another_dtype_is_named(make_model: Callable[..., nn.Module], tmp_path: Path) -> None:
+    """An fp32-trained adapter on a bf16 copy of the same base: the error says the dtype is the difference."""
+    get_peft_model(make_model("resnet-basic"), SurgicalConfig(block="stage1")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"stored in float32, but this model is in bfloat16"):
+        PeftModel.from_pretrained(make_model("resnet-basic").to(torch.bfloat16), tmp_path)

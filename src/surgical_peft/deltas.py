@@ -33,14 +33,18 @@ def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
 
 
 def fingerprint(model_name: str, block_tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, Any]:
-    """Per-block sha256 (shortened) of the base tensors: `{"model": class name, "blocks": {block: hex}}`."""
+    """Per-block sha256 (shortened) of the base tensors, with the floating dtypes they are stored in:
+    `{"model": class name, "dtypes": [...], "blocks": {block: hex}}`."""
     blocks = {}
+    dtypes = set()
     for block, tensors in block_tensors.items():
         digest = hashlib.sha256()
         for name in sorted(tensors):
             _hash_tensor(digest, name, tensors[name])
+            if tensors[name].is_floating_point():
+                dtypes.add(str(tensors[name].dtype).removeprefix("torch."))
         blocks[block] = digest.hexdigest()[:_FINGERPRINT_DIGEST_CHARS]
-    return {"model": model_name, "blocks": blocks}
+    return {"model": model_name, "dtypes": sorted(dtypes), "blocks": blocks}
 
 
 def check_fingerprint(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> None:
@@ -60,6 +64,12 @@ def check_fingerprint(recorded: Mapping[str, Any], current: Mapping[str, Any]) -
             f"{list(current_blocks)}. {override}"
         )
     differing = [block for block in current_blocks if recorded_blocks[block] != current_blocks[block]]
+    if differing and "dtypes" in recorded and recorded["dtypes"] != current["dtypes"]:
+        raise ValueError(
+            f"This adapter was trained on a base stored in {', '.join(recorded['dtypes'])}, but this model is in "
+            f"{', '.join(current['dtypes'])}: load the base in the adapter's dtype (e.g. `torch_dtype=torch."
+            f"{recorded['dtypes'][0]}`), apply the adapter, then cast. {override}"
+        )
     if differing:
         raise ValueError(
             f"This adapter was trained on different base weights: block(s) {', '.join(differing)} differ from the "
