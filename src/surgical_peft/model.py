@@ -276,8 +276,9 @@ class SurgicalModel(BaseTuner):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """The active adapter's weights are always in the model, so merging only switches to `adapter_names`;
         `safe_merge` checks that they are finite."""
-        if adapter_names:
-            self.set_adapter(adapter_names)
+        if adapter_names:  # switch without changing whether the adapter trains
+            modes = {self.peft_config[name].inference_mode for name in adapter_names if name in self.peft_config}
+            self.set_adapter(adapter_names, inference_mode=modes == {True})
         if safe_merge:
             self._check_finite()
 
