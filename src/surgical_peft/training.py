@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from peft import PeftModel, get_peft_model
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -57,7 +58,8 @@ class FineTuneArguments:
 
     Args:
         strategy: one of `STRATEGIES`.
-        blocks: the blocks to tune for `surgical` and `lp-ft` (see `surgical_peft.list_blocks`).
+        blocks: the blocks to tune for `surgical` and `lp-ft` (see `surgical_peft.list_blocks`); `["auto"]` picks
+            the best block by Auto-RGN on the training data (`surgical_peft.select_blocks`).
         epochs: passes over the training set (for `lp-ft`, the fine-tuning phase).
         lp_epochs: epochs of the linear-probe phase of `lp-ft` (default: `epochs`).
         learning_rate: AdamW learning rate (for `lp-ft`, the fine-tuning phase; the probe uses 10x).
@@ -68,6 +70,7 @@ class FineTuneArguments:
         gradient_accumulation_steps: optimizer step every this many batches.
         modules_to_save: modules trained and saved in full (a newly initialised head).
         delta_dtype: dtype of the saved deltas (`None`, "bfloat16", "float16").
+        mixed_precision: "no", "fp16" or "bf16" for Accelerate; `None` takes it from `accelerate launch`/config.
         seed: seeds data order and initialisation on every process.
         output_dir: where checkpoints (one per epoch, the latest kept) go; a rerun resumes from the latest.
         progress: show progress bars (main process only).
@@ -84,6 +87,7 @@ class FineTuneArguments:
     gradient_accumulation_steps: int = 1
     modules_to_save: list[str] | None = None
     delta_dtype: str | None = None
+    mixed_precision: str | None = None
     seed: int = 0
     output_dir: str | None = None
     progress: bool = True
@@ -93,6 +97,8 @@ class FineTuneArguments:
             raise ValueError(f"Unknown strategy {self.strategy!r}. Valid: {', '.join(STRATEGIES)}.")
         if self.lr_mode not in LR_MODES:
             raise ValueError(f"Unknown lr_mode {self.lr_mode!r}. Valid: {', '.join(LR_MODES)}.")
+        if "auto" in self.blocks and len(self.blocks) > 1:
+            raise ValueError(f"blocks=['auto'] cannot be combined with other blocks: {self.blocks}")
         if not self.blocks and self.strategy in ("surgical", "lp-ft"):
             raise ValueError(f"strategy={self.strategy!r} needs at least one block to tune.")
         for name in ("epochs", "batch_size", "gradient_accumulation_steps"):
@@ -152,17 +158,25 @@ def _make_accelerator(args: FineTuneArguments) -> Accelerator:
     # A block whose output is unused in some forward (e.g. a second head) would otherwise stall DDP.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, project_config=project, kwargs_handlers=[ddp]
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        project_config=project,
+        kwargs_handlers=[ddp],
     )
 
 
 def _set_trainable(model: PeftModel, module_paths: Sequence[str] | None) -> list[nn.Parameter]:
-    """Restrict training to the adapter parameters under `module_paths` (all adapter parameters when `None`)."""
+    """Restrict training to the adapter parameters under `module_paths` (all adapter parameters when `None`).
+
+    `modules_to_save` copies (PEFT's wrappers, e.g. a newly initialised head) are trained in every phase."""
+    modules = model.base_model.model.named_modules()
+    wrappers = [name for name, module in modules if isinstance(module, AuxiliaryTrainingWrapper)]
+    prefixes = None if module_paths is None else tuple(path + "." for path in [*module_paths, *wrappers])
     parameters = []
     for name, parameter in model.base_model.model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if module_paths is None or any(name.startswith(path + ".") for path in module_paths):
+        if prefixes is None or name.startswith(prefixes):
             parameters.append(parameter)
         else:
             parameter.requires_grad_(False)
@@ -209,6 +223,23 @@ def _epoch_lr_scales(
     return [value / largest for value in norms]
 
 
+def _select_blocks(
+    model: nn.Module,
+    train_dataset: Dataset | Sequence[dict[str, Any]],
+    args: FineTuneArguments,
+    accelerator: Accelerator,
+) -> FineTuneArguments:
+    """`args` with `blocks=["auto"]` replaced by the block Auto-RGN ranks first on the training data (every process
+    ranks the same batches, so all agree)."""
+    from .selection import select_blocks
+
+    loader = DataLoader(
+        train_dataset, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
+    progress = args.progress and accelerator.is_main_process
+    return replace(args, blocks=select_blocks(model, loader, SurgicalConfig(block="auto"), progress=progress).blocks)
+
+
 def fine_tune(
     model: nn.Module,
     train_dataset: Dataset | Sequence[dict[str, Any]],
@@ -228,6 +259,8 @@ def fine_tune(
     args = args or FineTuneArguments()
     accelerator = accelerator or _make_accelerator(args)
     set_seed(args.seed)
+    if args.blocks == ["auto"]:
+        args = _select_blocks(model, train_dataset, args, accelerator)
     if isinstance(model, PeftModel):
         peft_model = model
     else:

@@ -1,0 +1,182 @@
+"""Model cards and pushing adapters to the Hub (`surgical_peft.hub`), against a local stand-in for the Hub API."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import build_model
+from huggingface_hub import ModelCard
+from peft import get_peft_model
+
+from surgical_peft import SurgicalConfig
+from surgical_peft.hub import render_model_card
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The few Hub API routes `huggingface_hub` uses to create a repository, upload files in one commit and read a
+    file back; every request is recorded in `server.requests`, every commit's files in `server.commits`."""
+
+    server: ThreadingHTTPServer
+
+    def log_message(self, *args: object) -> None:  # keep the test output clean
+        pass
+
+    def _reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, payload: object) -> None:
+        self._reply(200, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        """`/{repo}/resolve/{revision}/{path}`: a file of the repository's last commit; 404 otherwise."""
+        self.server.requests.append((self.command, self.path))
+        owner, name, route, _, *path = [*self.path.split("?")[0].strip("/").split("/"), "", "", "", ""]
+        files = self.server.commits.get(f"{owner}/{name}", [{}])[-1]
+        content = files.get("/".join(p for p in path if p)) if route == "resolve" else None
+        if content is None:
+            self._reply(404, b"", {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"})
+        else:
+            self._reply(200, content, {"X-Repo-Commit": COMMIT, "ETag": f'"{hash(content)}"'})
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.requests.append(("POST", self.path))
+        endpoint = f"http://{self.headers['Host']}"
+        if self.path == "/api/repos/create":
+            request = json.loads(body)
+            return self._json({"url": f"{endpoint}/{request['organization']}/{request['name']}"})
+        if "/preupload/" in self.path:  # every file is sent inline (base64) in the commit
+            files = json.loads(body)["files"]
+            return self._json(
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
+        if "/commit/" in self.path:
+            repo = self.path.removeprefix("/api/models/").split("/commit/")[0]
+            lines = [json.loads(line) for line in body.splitlines()]
+            files = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines[1:]}
+            self.server.commits.setdefault(repo, []).append(files)
+            return self._json({"commitUrl": f"{endpoint}/{repo}/commit/{COMMIT}", "commitOid": COMMIT})
+        return self._json({})  # e.g. /api/validate-yaml
+
+
+@pytest.fixture
+def hub() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.requests, server.commits = [], {}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def front_matter(readme: bytes) -> dict:
+    return ModelCard(readme.decode()).data.to_dict()
+
+
+def test_card_front_matter_recipe_and_metrics() -> None:
+    base = build_model("resnet-basic")
+    base.name_or_path = "microsoft/resnet-18"
+    model = get_peft_model(base, SurgicalConfig(block=["embedder", "stage1"]))
+    card = render_model_card(
+        model,
+        shift="fog",
+        dataset="uoft-cs/cifar10",
+        recipe={"strategy": "surgical", "lr": 1e-3, "train_n": 200},
+        metrics={"eval_accuracy": 0.87654},
+        repo_id="me/resnet-fog",
+    )
+    assert front_matter(card.encode()) == {
+        "base_model": "microsoft/resnet-18",
+        "datasets": ["uoft-cs/cifar10"],
+        "library_name": "peft",
+        "pipeline_tag": "image-classification",
+        "tags": [
+            "surgical-fine-tuning",
+            "block:embedder",
+            "block:stage1",
+            "shift:fog",
+            "base_model:adapter:microsoft/resnet-18",
+        ],
+    }
+    for line in ("# me/resnet-fog", "| lr | 0.001 |", "| train_n | 200 |", "| eval_accuracy | 0.8765 |"):
+        assert line in card.splitlines()
+    assert 'PeftModel.from_pretrained(base, "me/resnet-fog")' in card
+
+    local = render_model_card(model, dataset=str(ROOT))  # a local dataset is described, not listed
+    assert "datasets" not in front_matter(local.encode()) and "a local dataset" in local
+
+
+# Run in a fresh process: huggingface_hub reads HF_ENDPOINT when it is imported.
+PUSH = """
+import argparse, sys
+import surgical_peft
+from peft import PeftModel
+from transformers import AutoModelForImageClassification
+from surgical_peft.recipe import add_training_arguments, run_training
+
+model_dir, output = sys.argv[1], sys.argv[2]
+argv = ["--model", model_dir, "--block", "stage1", "--train-n", "20", "--eval-n", "10", "--epochs", "1"]
+argv += ["--output-dir", output, "--no-progress", "--push-to-hub", "--hub-model-id", "user/tiny-stage1"]
+print(run_training(add_training_arguments(argparse.ArgumentParser()).parse_args(argv))["commit_url"])
+
+model = PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(model_dir), output + "/adapter")
+model.push_to_hub("user/tiny-stage1")  # the repository's README.md (our card) is kept
+model.push_to_hub("user/fresh")  # a new repository gets transformers' generic card
+"""
+
+
+def test_push_uploads_the_adapter_with_its_card(hub: ThreadingHTTPServer, tmp_path: Path) -> None:
+    model = build_model("resnet-basic", num_labels=10)
+    model.config.image_size = 32
+    model.save_pretrained(tmp_path / "model")
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}", "HF_TOKEN": "hf_test"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_DISABLE_TELEMETRY="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    command = [sys.executable, "-c", textwrap.dedent(PUSH), str(tmp_path / "model"), str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        result.stdout.splitlines()[0] == f"http://127.0.0.1:{hub.server_address[1]}/user/tiny-stage1/commit/{COMMIT}"
+    )
+    assert ("POST", "/api/repos/create") in hub.requests
+
+    first, second = hub.commits["user/tiny-stage1"]
+    assert sorted(first) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    adapter = tmp_path / "run" / "adapter"
+    assert first["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
+    assert json.loads(first["adapter_config.json"])["target_modules"] == ["resnet.encoder.stages.0"]
+    card = front_matter(first["README.md"])
+    assert card["library_name"] == "peft"
+    assert {"surgical-fine-tuning", "block:stage1", "shift:contrast"} <= set(card["tags"])
+    assert first["README.md"].decode().count("# user/tiny-stage1") == 1
+    assert b"| train_n | 20 |" in first["README.md"]
+
+    # model.push_to_hub (PEFT via transformers) re-uploads the card the repository already has ...
+    assert sorted(second) == sorted(first)
+    assert front_matter(second["README.md"]) == card
+    # ... but on a new repository it replaces even PEFT's own card with transformers' generic one (see hub.py).
+    (fresh,) = hub.commits["user/fresh"]
+    assert front_matter(fresh["README.md"])["library_name"] == "transformers"

@@ -1,0 +1,220 @@
+"""`examples/train.py` and the recipe behind it (`surgical_peft.recipe`), and the demo, on tiny models, offline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import build_model
+from huggingface_hub import ModelCard
+from peft import PeftModel
+from torch.utils.data import DataLoader
+from transformers import AutoModelForImageClassification
+
+import surgical_peft.demo
+from surgical_peft.data import load_digits, make_target, preprocess
+from surgical_peft.recipe import InputError, add_training_arguments, run_training
+from surgical_peft.training import FineTuneArguments, evaluate_accuracy, fine_tune
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "examples" / "train.py"
+TINY = ["--train-n", "30", "--eval-n", "20", "--epochs", "1", "--batch-size", "10", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models train faster on one thread, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_model(path: Path, num_labels: int) -> str:
+    model = build_model("resnet-basic", num_labels=num_labels)
+    model.config.image_size = 32
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny ResNet for the 10 digit classes, saved with save_pretrained."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny10"), num_labels=10)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return add_training_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+@pytest.mark.parametrize("num_labels", [10, 3], ids=["same-head", "new-head"])
+def test_training_saves_an_adapter_that_reproduces_the_metrics(num_labels: int, tmp_path: Path) -> None:
+    model_dir = save_tiny_model(tmp_path / "model", num_labels)
+    output = tmp_path / "run"
+    summary = run_training(
+        parse("--model", model_dir, "--block", "stage1", "--lr", "0.01", *TINY, "--output-dir", str(output))
+    )
+
+    assert sorted(p.name for p in output.iterdir()) == ["adapter", "checkpoints", "metrics.json", "run_args.json"]
+    assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["num_processes"] == 1 and summary["blocks"] == ["stage1"]
+    config = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == (None if num_labels == 10 else ["classifier"])
+
+    card = ModelCard.load(output / "adapter" / "README.md")
+    assert card.data.library_name == "peft"
+    assert {"surgical-fine-tuning", "block:stage1", "shift:contrast"} <= set(card.data.tags)
+    assert "| train_n | 30 |" in card.text
+
+    base = AutoModelForImageClassification.from_pretrained(model_dir, num_labels=10, ignore_mismatched_sizes=True)
+    tuned = PeftModel.from_pretrained(base, output / "adapter")
+    evaluation = make_target(load_digits(), "contrast", train_n=30, eval_n=20, seed=0)["eval"]
+    accuracy = evaluate_accuracy(tuned, DataLoader(preprocess(evaluation, image_size=32), batch_size=20))
+    assert accuracy == summary["metrics"]["eval_accuracy"]
+
+
+def test_a_new_head_trains_along_with_the_tuned_block() -> None:
+    """A re-initialised head (`modules_to_save`) is trained with the block, not frozen with the rest."""
+    model = build_model("resnet-basic")
+    head = model.classifier[1].weight.detach().clone()
+    data = [{"pixel_values": torch.randn(3, 16, 16), "labels": index % 3} for index in range(8)]
+    args = FineTuneArguments(blocks=["stage1"], epochs=1, batch_size=4, modules_to_save=["classifier"], progress=False)
+    tuned = fine_tune(model, data, None, args).model.base_model.model
+    assert not torch.equal(tuned.classifier.modules_to_save["default"][1].weight, head)
+    assert torch.equal(tuned.classifier.original_module[1].weight, head)
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_model: str, tmp_path: Path) -> None:
+    argv = ["--model", tiny_model, "--block", "stage2", *TINY, "--output-dir", str(tmp_path)]
+    run_training(parse(*argv))
+    # Mark the first epoch's record in the checkpoint: it survives only if the rerun resumes instead of redoing it.
+    progress_file = tmp_path / "checkpoints" / "checkpoint_0" / "progress.json"
+    progress = json.loads(progress_file.read_text())
+    progress["history"][0]["marker"] = "from the checkpoint"
+    progress_file.write_text(json.dumps(progress))
+
+    summary = run_training(parse(*argv, "--epochs", "2"))
+    assert [record["epoch"] for record in summary["history"]] == [1, 2]
+    assert summary["history"][0]["marker"] == "from the checkpoint"
+    assert "marker" not in summary["history"][1]
+
+    with pytest.raises(InputError, match=r"checkpoints of a run with other settings \(lr differ\)"):
+        run_training(parse(*argv, "--epochs", "3", "--lr", "0.5"))
+
+
+@pytest.fixture(scope="module")
+def no_images(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A local dataset without an image column."""
+    path = tmp_path_factory.mktemp("no_images")
+    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}).to_parquet(str(path / "data.parquet"))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--block", "stage9"], r"Unknown block 'stage9' .*Valid blocks: embedder, stage1, stage2, head\."),
+        (["--block", "all", "--block", "stage1"], r"--block all means full fine-tuning"),
+        (["--train-n", "5000"], r"train_n=5000 .*larger than the target data: it has 899 examples"),
+        (["--epochs", "0"], r"epochs must be at least 1, got 0"),
+        (["--dataset", "NO_IMAGES"], r"no image column .*columns are: text \(Value\), label \(Value\)"),
+        (["--model", "MISSING"], r"Cannot load model '.*missing': there is no such directory"),
+        (["--strategy", "linear-probe", "--model", "THREE_LABELS"], r"head was re-initialised .*not supported"),
+        (["--push-to-hub", "--hub-model-id", "me/not a name"], r"--hub-model-id: Repo id must use alphanumeric"),
+    ],
+)
+def test_bad_input_stops_before_training(
+    argv: list[str], message: str, tiny_model: str, no_images: str, tmp_path: Path
+) -> None:
+    replacements = {"NO_IMAGES": no_images, "MISSING": str(tmp_path / "missing")}
+    if "THREE_LABELS" in argv:
+        replacements["THREE_LABELS"] = save_tiny_model(tmp_path / "three", num_labels=3)
+    argv = ["--model", tiny_model, *TINY, *(replacements.get(arg, arg) for arg in argv)]
+    with pytest.raises(InputError, match=message):
+        run_training(parse(*argv, "--output-dir", str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_block_of_the_default_model_is_reported_before_pretraining(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"Unknown block 'stage7' .*Valid blocks: embedder, stage1, stage2, stage3"):
+        run_training(parse("--block", "stage7", "--cache-dir", str(tmp_path / "cache"), *TINY))
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "messages"),
+    [
+        (["--shift", "snow"], ["argument --shift: invalid choice: 'snow'", "gaussian_noise", "label-permutation"]),
+        (["--severity", "6"], ["argument --severity: invalid choice: 6", "1, 2, 3, 4, 5"]),
+    ],
+)
+def test_bad_choices_exit_with_status_2(
+    argv: list[str], messages: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert all(message in error for message in messages), error
+
+
+def test_the_script_exits_with_status_2_and_the_message(tiny_model: str, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    command = [sys.executable, str(TRAIN), "--model", tiny_model, "--block", "nope", "--output-dir", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert "usage: train.py" in result.stderr
+    assert "error: Unknown block 'nope' for ResNetForImageClassification. Valid blocks: embedder," in result.stderr
+    assert not output.exists()
+
+
+def test_the_script_without_arguments_runs_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(surgical_peft.demo, "demo", lambda: calls.append("demo"))
+    monkeypatch.setattr(sys, "argv", [str(TRAIN)])
+    runpy.run_path(str(TRAIN), run_name="__main__")
+    assert calls == ["demo"]
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache holding the demo's source model, pretrained for one epoch only."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(surgical_peft.demo, "_PRETRAIN_EPOCHS", 1)
+        surgical_peft.demo.source_model(cache_dir=cache, progress=False)
+    return cache
+
+
+def test_the_source_model_is_cached(demo_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached source model was pretrained again")
+
+    monkeypatch.setattr(surgical_peft.demo, "fine_tune", no_training)
+    path = surgical_peft.demo.source_model("contrast", cache_dir=demo_cache)
+    assert (path / "config.json").is_file()
+    assert AutoModelForImageClassification.from_pretrained(path).config.image_size == 32
+
+
+def test_the_demo_prints_a_table_and_draws_a_chart(
+    demo_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = {"train_n": 20, "val_n": 10, "epochs": 1, "learning_rates": (1e-3, 1e-2), "repeats": 2}
+    result = surgical_peft.demo.demo(**settings, cache_dir=demo_cache, output_dir=tmp_path)
+    rows = ["no fine-tuning", "embedder", "stage1", "stage2", "stage3", "stage4", "head", "full"]
+    assert list(result.accuracy) == rows
+    assert result.best in rows[1:] and result.best == max(rows[1:], key=result.accuracy.get)
+    assert set(result.learning_rate.values()) <= {1e-3, 1e-2}
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "results.json").read_text())["accuracy"] == result.accuracy
+    table = capsys.readouterr().out
+    assert "tuned block" in table and "<- best" in table and "no fine-tuning" in table
