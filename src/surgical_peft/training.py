@@ -257,6 +257,7 @@ def fine_tune(
     `args.output_dir`, every epoch is checkpointed there and a rerun resumes from the latest checkpoint.
     """
     args = args or FineTuneArguments()
+    callers_accelerator = accelerator is not None
     accelerator = accelerator or _make_accelerator(args)
     set_seed(args.seed)
     if args.blocks == ["auto"]:
@@ -323,14 +324,17 @@ def fine_tune(
             epochs_done[phase_index] = epoch + 1
             if args.output_dir is not None:
                 _checkpoint(accelerator, phase_index, epochs_done, history)
+        wrapped = prepared_model is not peft_model
         peft_model = accelerator.unwrap_model(prepared_model)
-        accelerator.free_memory()  # drop the DDP wrapper before the next phase changes what is trainable
+        if wrapped:  # drop the DDP/FSDP wrapper before the next phase changes what is trainable
+            accelerator.free_memory()  # (it also runs gc.collect, seconds with transformers loaded: only when needed)
 
     peft_model.base_model.set_requires_grad(peft_model.active_adapter, True)
     metrics = {"train_loss": history[-1]["train_loss"] if history else math.nan}
     if eval_loader is not None:
         metrics["eval_accuracy"] = evaluate_accuracy(peft_model, accelerator.prepare(eval_loader), accelerator)
-    accelerator.free_memory()
+    if callers_accelerator:  # release what this call prepared; an accelerator of our own just goes away
+        accelerator.free_memory()
     return FineTuneResult(model=peft_model, metrics=metrics, history=history)
 
 
