@@ -1,0 +1,216 @@
+"""Block selection: Auto-RGN, Auto-SNR and the sweep rank blocks without touching the model; `block="auto"`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader
+
+from surgical_peft import BlockRanking, SurgicalConfig, list_blocks, rank_blocks, select_blocks
+from surgical_peft.selection import relative_gradient_norms
+from surgical_peft.training import FineTuneArguments, fine_tune
+
+Snapshot = dict[str, torch.Tensor]
+
+
+def examples(n: int = 16, num_labels: int = 3, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.randn(3, 32, 32, generator=generator), "labels": i % num_labels} for i in range(n)]
+
+
+@pytest.fixture
+def loader() -> DataLoader:
+    return DataLoader(examples(), batch_size=8)
+
+
+@pytest.fixture
+def resnet(make_model: Callable[..., nn.Module]) -> nn.Module:
+    """A tiny ResNet with non-trivial BatchNorm statistics and biases, left in train mode."""
+    model = make_model("resnet-basic")
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.bias.data.normal_(0, 0.1, generator=generator)
+            module.running_mean.normal_(0, 0.1, generator=generator)
+    return model.train()
+
+
+def snapshot(model: nn.Module) -> tuple[Snapshot, dict[str, bool], dict[str, bool]]:
+    """Every parameter and buffer, the requires_grad flags and the train/eval mode of every module."""
+    tensors = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    modes = {name: module.training for name, module in model.named_modules()}
+    return tensors, flags, modes
+
+
+def assert_unchanged(model: nn.Module, before: tuple[Snapshot, dict[str, bool], dict[str, bool]]) -> None:
+    tensors, flags, modes = snapshot(model)
+    assert [name for name, tensor in before[0].items() if not torch.equal(tensors[name], tensor)] == []
+    assert (flags, modes) == before[1:]
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("criterion", ["rgn", "snr"])
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "peft"])
+def test_gradient_criteria_score_every_block_and_leave_the_model_alone(
+    criterion: str,
+    wrapped: bool,
+    resnet: nn.Module,
+    loader: DataLoader,
+) -> None:
+    model = get_peft_model(resnet, SurgicalConfig(block="stage1")) if wrapped else resnet
+    model.train()
+    before = snapshot(model)
+    ranking = rank_blocks(model, loader, criterion, num_batches=2, progress=False)
+    blocks = list_blocks(model)
+    assert list(ranking.scores) == list(blocks)
+    assert ranking.num_parameters == blocks.num_parameters
+    assert all(math.isfinite(score) and score >= 0 for score in ranking.scores.values())
+    assert ranking.num_examples == 16
+    assert len(ranking.tensor_scores) == sum(1 for _ in resnet.parameters())
+    assert_unchanged(model, before)  # weights, BatchNorm statistics, requires_grad (frozen stays frozen), modes
+
+
+def test_only_the_head_has_a_gradient(resnet: nn.Module, loader: DataLoader) -> None:
+    # With a zero classifier matrix, d loss / d features = W^T (p - y) = 0: no block but the head gets a gradient.
+    nn.init.zeros_(resnet.classifier[1].weight)
+    for criterion in ("rgn", "snr"):
+        ranking = rank_blocks(resnet, loader, criterion, progress=False)
+        assert ranking.best() == ["head"]
+        assert all(score == 0 for block, score in ranking.scores.items() if block != "head")
+
+
+def test_rgn_is_the_relative_gradient_norm_averaged_over_batches(resnet: nn.Module, loader: DataLoader) -> None:
+    weight = resnet.classifier[1].weight
+    expected = []
+    for batch in loader:
+        resnet.eval()
+        logits = resnet(pixel_values=batch["pixel_values"]).logits
+        (gradient,) = torch.autograd.grad(nn.functional.cross_entropy(logits, batch["labels"]), [weight])
+        expected.append(float(gradient.norm() / weight.detach().norm()))
+    resnet.train()
+    (value,) = relative_gradient_norms(resnet, loader, parameters=[weight])
+    assert value == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    ranking = rank_blocks(resnet, loader, "rgn", progress=False)
+    assert ranking.tensor_scores["classifier.1.weight"] == pytest.approx(value, rel=1e-5)
+
+
+def test_snr_is_mean_squared_over_variance_of_per_example_gradients(resnet: nn.Module, loader: DataLoader) -> None:
+    weight = resnet.classifier[1].weight
+    resnet.eval()
+    per_example = []
+    for batch in loader:
+        for pixel_values, label in zip(batch["pixel_values"], batch["labels"], strict=True):
+            logits = resnet(pixel_values=pixel_values[None]).logits
+            per_example.append(torch.autograd.grad(nn.functional.cross_entropy(logits, label[None]), [weight])[0])
+    gradients = torch.stack(per_example).double()
+    mean, variance = gradients.mean(0), gradients.var(0)
+    assert (mean[variance == 0] == 0).all()  # dead units: no gradient at all, scored 0
+    expected = torch.where(variance > 0, mean**2 / variance, 0).mean()
+    ranking = rank_blocks(resnet, loader, "snr", progress=False)
+    assert ranking.tensor_scores["classifier.1.weight"] == pytest.approx(float(expected), rel=1e-3)
+    mask = ranking.tensor_mask(0.5)
+    assert set(mask) == set(ranking.tensor_scores) and any(mask.values())
+
+
+def test_sweep_fine_tunes_a_copy_per_block(resnet: nn.Module) -> None:
+    before = snapshot(resnet)
+    loader = DataLoader(examples(24), batch_size=8)
+    args = FineTuneArguments(epochs=1, batch_size=8, learning_rate=1e-2, progress=False)
+    ranking = rank_blocks(resnet, loader, "sweep", blocks=["stage1", "head"], sweep_args=args, progress=False)
+    assert list(ranking.scores) == ["stage1", "head"]
+    assert all(0 <= score <= 1 for score in ranking.scores.values())
+    assert ranking.num_examples == 6  # a quarter held out
+    assert set(ranking.block_seconds) == {"stage1", "head"} and ranking.seconds >= sum(ranking.block_seconds.values())
+    assert_unchanged(resnet, before)
+    with pytest.raises(ValueError, match="no tensor mask"):
+        ranking.tensor_mask()
+
+
+def test_block_ranking_table_order_and_outputs(tmp_path) -> None:
+    ranking = BlockRanking(
+        "sweep", {"embedder": 0.5, "stage1": 0.9, "head": 0.9}, {"embedder": 5, "stage1": 7, "head": 2}
+    )
+    assert ranking.ranked() == ["stage1", "head", "embedder"]  # ties keep forward order
+    assert ranking.best(2) == ["stage1", "head"] and ranking.best(10) == ranking.ranked()
+    text = str(ranking)
+    assert "sweep" in text and text.splitlines()[3].split()[:2] == ["1", "stage1"] and "<- best" in text
+    assert json.loads(json.dumps(ranking.to_dict()))["blocks"][0] == {
+        "block": "embedder",
+        "score": 0.5,
+        "num_parameters": 5,
+        "rank": 3,
+    }
+    pytest.importorskip("matplotlib")
+    assert ranking.plot(tmp_path / "ranking.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="at least 1"):
+        ranking.best(0)
+
+
+def test_select_blocks_resolves_auto(resnet: nn.Module, loader: DataLoader) -> None:
+    config = SurgicalConfig(block="auto", auto_criterion="snr", auto_top_k=2, delta_dtype="bfloat16")
+    resolved = select_blocks(resnet, loader, config, progress=False)
+    ranking = rank_blocks(resnet, loader, "snr", progress=False)
+    assert resolved.block == ranking.best(2) and resolved.delta_dtype == "bfloat16"
+    assert config.block == "auto"  # a copy
+    peft_model = get_peft_model(resnet, resolved)
+    assert peft_model.peft_config["default"].target_modules == list_blocks(resnet).target_modules(ranking.best(2))
+    with pytest.raises(ValueError, match="block='auto'"):
+        select_blocks(resnet, loader, SurgicalConfig(block="stage1"))
+
+
+def test_auto_must_be_resolved_before_get_peft_model(resnet: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"surgical_peft\.select_blocks\(model, dataloader, config\)"):
+        get_peft_model(resnet, SurgicalConfig(block="auto"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"block": ["auto", "head"]}, "cannot be combined"),
+        ({"block": "auto", "auto_criterion": "random"}, "Unknown auto_criterion"),
+        ({"block": "auto", "auto_top_k": 0}, "auto_top_k"),
+    ],
+)
+def test_auto_config_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SurgicalConfig(**kwargs)
+
+
+def test_fine_tune_resolves_auto_blocks_and_scales_learning_rates_by_rgn(resnet: nn.Module) -> None:
+    data = examples(16)
+    expected = rank_blocks(resnet, DataLoader(data, batch_size=8), "rgn", progress=False).best()
+    args = FineTuneArguments(blocks=["auto"], epochs=1, batch_size=8, progress=False)
+    result = fine_tune(copy.deepcopy(resnet), data, None, args)
+    assert result.model.peft_config["default"].block == expected
+    args = FineTuneArguments(strategy="full", lr_mode="rgn", epochs=1, batch_size=8, progress=False)
+    assert math.isfinite(fine_tune(copy.deepcopy(resnet), data, None, args).metrics["train_loss"])
+    with pytest.raises(ValueError, match="cannot be combined"):
+        FineTuneArguments(blocks=["auto", "head"])
+
+
+@pytest.mark.parametrize("criterion", ["rgn", "snr", "sweep"])
+def test_bad_input(criterion: str, resnet: nn.Module) -> None:
+    unlabelled = DataLoader([{"pixel_values": torch.randn(3, 32, 32)}] * 4, batch_size=2)
+    with pytest.raises(ValueError, match="'labels'"):
+        rank_blocks(resnet, unlabelled, criterion, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        rank_blocks(resnet, DataLoader([], batch_size=2), criterion, progress=False)
+    with pytest.raises(ValueError, match="No candidate block"):
+        rank_blocks(resnet, DataLoader(examples(4), batch_size=2), criterion, blocks=[], progress=False)
+    with pytest.raises(ValueError, match="Valid blocks"):
+        rank_blocks(resnet, DataLoader(examples(4), batch_size=2), criterion, blocks=["stage9"], progress=False)
+
+
+def test_bad_criterion_and_parameterless_model(loader: DataLoader) -> None:
+    with pytest.raises(ValueError, match="Unknown criterion"):
+        rank_blocks(nn.Linear(2, 2), loader, "random")
+    with pytest.raises(ValueError, match="No candidate block"):
+        rank_blocks(nn.Sequential(nn.ReLU()), loader, "rgn")
