@@ -147,7 +147,7 @@ def test_batchnorm_statistics_after_training_in_train_mode(
     torch.testing.assert_close(logits_of(loaded), logits_of(peft_model), rtol=0, atol=1e-5)
 
 
-def test_bfloat16_deltas_halve_the_file(
+def test_bfloat16_deltas_halve_the_parameter_bytes(
     make_model: Callable[..., nn.Module],
     logits_of: Callable[[nn.Module], torch.Tensor],
     train: Callable[..., None],
@@ -160,12 +160,16 @@ def test_bfloat16_deltas_halve_the_file(
     full, half = load_file(tmp_path / "fp32" / WEIGHTS), load_file(tmp_path / "bf16" / WEIGHTS)
     assert set(full) == set(half)
 
-    def nbytes(tensors: dict[str, torch.Tensor], floating: bool) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors.values() if t.is_floating_point() == floating)
+    buffers = {key for key in full if key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
 
-    assert nbytes(half, floating=True) * 2 == nbytes(full, floating=True)
-    assert nbytes(half, floating=False) == nbytes(full, floating=False)  # num_batches_tracked stays int64
-    assert {t.dtype for t in half.values() if t.is_floating_point()} == {torch.bfloat16}
+    def nbytes(tensors: dict[str, torch.Tensor], keys: set[str]) -> int:
+        return sum(tensors[key].numel() * tensors[key].element_size() for key in keys)
+
+    parameters = set(full) - buffers
+    assert nbytes(half, parameters) * 2 == nbytes(full, parameters)
+    assert {half[key].dtype for key in parameters} == {torch.bfloat16}
+    # BatchNorm statistics keep full precision: a shift can move them by orders of magnitude.
+    assert all(half[key].dtype == full[key].dtype for key in buffers) and buffers
     loaded = PeftModel.from_pretrained(make_model("resnet-basic"), tmp_path / "bf16")
     torch.testing.assert_close(logits_of(loaded), logits_of(peft_model), rtol=2e-2, atol=2e-2)
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}

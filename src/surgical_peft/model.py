@@ -358,7 +358,9 @@ class SurgicalModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """The deltas of `adapter_name` (tuned - base), in `config.delta_dtype` for floating tensors."""
+        """The deltas of `adapter_name` (tuned - base), parameters in `config.delta_dtype`. Buffers (BatchNorm running
+        statistics) keep their dtype: they are tiny, and a shift can move a running variance by orders of magnitude,
+        which bf16 deltas round badly (measured in benchmarks/shifts.py)."""
         tuner = cls._tuner_of(model)
         dtype = getattr(torch, config.delta_dtype) if config.delta_dtype else None
         result = {}
@@ -371,7 +373,8 @@ class SurgicalModel(BaseTuner):
                 if f"{KEY_PREFIX}{path}.{name}" in state_dict
             }
             for name, delta in layer.delta(adapter_name, live).items():
-                cast = dtype if dtype is not None and delta.is_floating_point() else delta.dtype
+                is_parameter = name in layer.module._parameters
+                cast = dtype if dtype is not None and is_parameter and delta.is_floating_point() else delta.dtype
                 result[f"{KEY_PREFIX}{path}.{name}"] = delta.to(cast).contiguous()
         return result
 
