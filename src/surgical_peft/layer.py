@@ -6,7 +6,8 @@ for one module of a tuned block, is bookkeeping, held by the tuner (not inside t
 (`get_model_status`, `disable_adapter`) see it while `.to(device)` and `state_dict()` never do:
 
 - `base`: a snapshot of the tensors the module owns directly (parameters and persistent buffers, such as BatchNorm
-  running statistics), kept on the CPU so that it never doubles the block's memory on the accelerator;
+  running statistics), kept off the accelerator and out of resident memory: it lives in an unlinked temporary file,
+  memory-mapped, so it costs disk (page cache) rather than RAM until it is read (to save, switch or unload);
 - `stashed`: for every trained adapter whose weights are *not* currently in the module, those weights (CPU), kept
   as they were so that switching back and forth is exact;
 - `loaded`: the adapter whose weights the module holds now (`None` for the base weights).
@@ -31,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -49,6 +51,17 @@ def owned_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, buffer
 
 
+def _offloaded_copy(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of `tensors`, memory-mapped from an unlinked temporary file (a plain copy if that fails)."""
+    try:
+        with tempfile.NamedTemporaryFile(prefix="surgical-base-", suffix=".pt") as file:
+            torch.save({name: tensor.detach().cpu() for name, tensor in tensors.items()}, file)
+            file.flush()
+            return torch.load(file.name, mmap=True, weights_only=True)  # the mapping outlives the file's name
+    except (OSError, RuntimeError):  # no writable temporary directory, or no mmap: copies in memory
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in tensors.items()}
+
+
 class SurgicalLayer(nn.Module, BaseTunerLayer):
     """Base snapshot and per-adapter deltas of the tensors one module owns directly (see the module docstring)."""
 
@@ -57,9 +70,7 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         # Plain attributes, not submodules or buffers: the tuned module stays in the model only, and the snapshot
         # stays on the CPU whatever device the model moves to.
         object.__setattr__(self, "module", module)
-        self.base: dict[str, torch.Tensor] = {
-            name: tensor.detach().to("cpu", copy=True) for name, tensor in owned_tensors(module)
-        }
+        self.base: dict[str, torch.Tensor] = _offloaded_copy(dict(owned_tensors(module)))
         # An adapter with no entry here is either loaded or has the base weights (a zero delta, stored lazily).
         self.stashed: dict[str, dict[str, torch.Tensor]] = {}
         self.adapters: set[str] = set()
@@ -121,9 +132,12 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
             return
         if adapter_name is not None and adapter_name not in self.adapters:
             raise KeyError(adapter_name)
-        if self.loaded is not None:
+        holds_base = self.loaded is None
+        if not holds_base:
             self.stashed[self.loaded] = {name: t.detach().to("cpu", copy=True) for name, t in self._live().items()}
-        self._write(self.stashed.pop(adapter_name, self.base) if adapter_name is not None else self.base)
+        target = self.stashed.pop(adapter_name, None) if adapter_name is not None else None
+        if target is not None or not holds_base:  # an untrained adapter on the base weights: nothing to write
+            self._write(self.base if target is None else target)
         self.loaded = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
