@@ -290,3 +290,26 @@ def test_disk_mode(make_model: Callable[..., nn.Module], tmp_path: object) -> No
     del cache
     gc.collect()
     assert not directory.exists()
+
+
+def test_fine_tune_with_cached_features_matches_uncached() -> None:
+    """`FineTuneArguments(cache_features=True)`: the same weights as without the cache, in fewer prefix forwards."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from surgical_peft.training import FineTuneArguments, fine_tune
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=2, layer_type="basic")
+    data = [
+        {"pixel_values": torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)), "labels": i % 2}
+        for i in range(16)
+    ]
+    results = []
+    for cache_features in (False, True):
+        torch.manual_seed(0)
+        args = FineTuneArguments(
+            blocks=["stage2"], epochs=2, batch_size=4, progress=False, cache_features=cache_features
+        )
+        results.append(fine_tune(ResNetForImageClassification(config), data, None, args).model)
+    plain, cached = (dict(model.named_parameters()) for model in results)
+    for name, parameter in plain.items():
+        torch.testing.assert_close(cached[name], parameter, rtol=1e-5, atol=1e-6)

@@ -120,6 +120,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     )
     train.add_argument("--delta-dtype", choices=DELTA_DTYPES, help="dtype of the saved deltas (default: the weights')")
     train.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed of data and training (default: 0)")
+    train.add_argument(
+        "--cache-features",
+        action="store_true",
+        help="compute the frozen blocks in front of the tuned ones once per image and reuse them every epoch "
+        "(the input pipeline here is deterministic)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -170,6 +176,7 @@ def fine_tune_arguments(args: argparse.Namespace) -> FineTuneArguments:
             seed=args.seed,
             output_dir=args.output_dir,
             progress=args.progress,
+            cache_features=args.cache_features,
         )
     except ValueError as error:
         raise InputError(str(error)) from error

@@ -25,8 +25,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,8 +43,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .blocks import list_blocks
+from .blocks import BlockMap, list_blocks
 from .config import SurgicalConfig
+from .features import FeatureCache, IndexedDataset
 from .metrics import load_accuracy
 
 __all__ = ["STRATEGIES", "FineTuneArguments", "FineTuneResult", "evaluate_accuracy", "fine_tune"]
@@ -74,6 +77,10 @@ class FineTuneArguments:
         seed: seeds data order and initialisation on every process.
         output_dir: where checkpoints (one per epoch, the latest kept) go; a rerun resumes from the latest.
         progress: show progress bars (main process only).
+        cache_features: compute the frozen prefix in front of the first trained block once per example and reuse it
+            in later epochs (`surgical_peft.features.FeatureCache`); only for deterministic input pipelines (no random
+            augmentation), and ignored, with a warning, in a phase that trains the first block.
+        cache_max_bytes: bound on the cached features' bytes (examples beyond it are computed every epoch).
     """
 
     strategy: str = "surgical"
@@ -91,6 +98,8 @@ class FineTuneArguments:
     seed: int = 0
     output_dir: str | None = None
     progress: bool = True
+    cache_features: bool = False
+    cache_max_bytes: int = 4 * 2**30
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -271,7 +280,8 @@ def fine_tune(
         peft_model = get_peft_model(model, config)
     block_map = list_blocks(peft_model)
     generator = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True, generator=generator)
+    indexed = IndexedDataset(train_dataset) if args.cache_features else train_dataset  # the cache keys by index
+    train_loader = DataLoader(indexed, batch_size=args.batch_size, shuffle=True, generator=generator)
     eval_loader = DataLoader(eval_dataset, batch_size=args.batch_size) if eval_dataset is not None else None
 
     resume = _latest_checkpoint(args.output_dir)
@@ -290,6 +300,7 @@ def fine_tune(
             accelerator.load_state(str(resume[0]))  # model, optimizer and RNG states as they were
             resume = None
         epochs_done += [0] * (phase_index + 1 - len(epochs_done))
+        cache = _feature_cache(prepared_model, train_dataset, args, phase, blocks, block_map)
 
         for epoch in range(epochs_done[phase_index], epochs):
             if per_tensor:
@@ -305,8 +316,10 @@ def fine_tune(
                 disable=not (args.progress and accelerator.is_main_process),
             )
             for batch in bar:
+                indices = batch.pop("index", None)
                 with accelerator.accumulate(prepared_model):
-                    loss = prepared_model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+                    with cache.batch(indices) if cache is not None else contextlib.nullcontext():
+                        loss = prepared_model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
@@ -336,6 +349,27 @@ def fine_tune(
     if callers_accelerator:  # release what this call prepared; an accelerator of our own just goes away
         accelerator.free_memory()
     return FineTuneResult(model=peft_model, metrics=metrics, history=history)
+
+
+def _feature_cache(
+    model: nn.Module,
+    train_dataset: Dataset | Sequence[dict[str, Any]],
+    args: FineTuneArguments,
+    phase: str,
+    blocks: list[str],
+    block_map: BlockMap,
+) -> FeatureCache | None:
+    """The phase's feature cache when `args.cache_features` asks for one and a frozen prefix exists."""
+    if not args.cache_features:
+        return None
+    if blocks == ["all"] or next(iter(block_map)) in blocks:
+        warnings.warn(
+            f"cache_features: the {phase} phase trains the first block ({next(iter(block_map))}), so no frozen "
+            "prefix is left to cache; training without the cache.",
+            stacklevel=3,
+        )
+        return None
+    return FeatureCache(model, deterministic=True, max_bytes=args.cache_max_bytes, data=train_dataset)
 
 
 def _checkpoint(accelerator: Accelerator, phase: int, epochs_done: list[int], history: list[dict[str, Any]]) -> None:
