@@ -38,8 +38,8 @@ class SurgicalConfig(PeftConfig):
         exclude_modules: module names or a regex of modules not to tune, as in PEFT.
         modules_to_save: modules that are trained and saved in full rather than as deltas, e.g. a classification head
             newly initialised for a different number of labels (its weights differ on every fresh base).
-        delta_dtype: dtype the deltas are stored in: `None` keeps each tensor's own dtype; `"bfloat16"` or
-            `"float16"` halves the adapter's bytes.
+        delta_dtype: dtype the parameters' deltas are stored in: `None` keeps each tensor's own dtype;
+            `"bfloat16"` or `"float16"` halves their bytes. Buffers (BatchNorm statistics) keep their dtype.
         base_fingerprint: hashes of the base weights, per block, filled in when the adapter is created; loading the
             adapter onto a different base raises an error that names the blocks that differ.
         verify_base: set to `False` to load an adapter onto a base whose fingerprint differs, e.g.
