@@ -45,7 +45,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -56,6 +56,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, 
 import surgical_peft
 from surgical_peft.features import FeatureCache
 
+Item = TypeVar("Item")
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH_SIZE = 16
 CACHE_BYTES = 32 * 2**30
@@ -351,11 +352,16 @@ def measure_footprint(config: Config, quick: bool, device: torch.device) -> Foot
     return footprint
 
 
-def _rotations(names: list[str], rounds: int) -> Iterator[list[str]]:
-    """`names` in a different order each round, so that no configuration always runs first or after another."""
+def _rotations(items: list[Item], rounds: int) -> Iterator[list[Item]]:
+    """`items` in a different order each round, so that none always runs first or after another."""
     for round_ in range(rounds):
-        start = round_ % len(names)
-        yield names[start:] + names[:start]
+        start = round_ % len(items)
+        yield items[start:] + items[:start]
+
+
+def _paired(steps: list[float], others: list[float]) -> float:
+    """Median over rounds of the ratio of two steps timed next to each other, so that changes in load cancel."""
+    return statistics.median(step / other for step, other in zip(steps, others, strict=True))
 
 
 def measure_times(
@@ -369,16 +375,24 @@ def measure_times(
         config.name: Trainee(config, build_model(config.arch, quick, device))
         for config in tqdm(configs, desc="  building", leave=False)
     }
-    steps: dict[str, Callable[[Batch], None]] = {name: trainee.step for name, trainee in trainees.items()}
+    steps: dict[str, Callable[[Batch], None]] = {}
+    # The variants of one block (surgical, its no_grad prefix, hand-written) run next to each other, in an order
+    # reversed every round, for paired comparisons.
+    groups: dict[str, list[str]] = {}
     for name, trainee in trainees.items():
+        steps[name] = trainee.step
+        group = groups.setdefault(trainee.config.block if trainee.config.method in ("surgical", "hand") else name, [])
+        group.append(name)
         if trainee.config.method == "surgical" and trainee.config.block in no_grad:
             steps[f"{name} no_grad prefix"] = lambda batch, t=trainee: t.step(batch, t.prefix_without_grad())
+            group.append(f"{name} no_grad prefix")
     wall: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     rounds = schedule.warmup + schedule.epoch
-    for round_, order in enumerate(tqdm(_rotations(list(steps), rounds), total=rounds, desc="  rounds", leave=False)):
+    orders = tqdm(_rotations(list(groups.values()), rounds), total=rounds, desc="  rounds", leave=False)
+    for round_, order in enumerate(orders):
         batch = batches[(round_ - schedule.warmup) % len(batches)]
-        for name in order:
+        for name in (name for group in order for name in (group if round_ % 2 else group[::-1])):
             if round_ < schedule.warmup:
                 steps[name](batch)
                 continue
@@ -485,7 +499,7 @@ def overhead(rows: list[Row]) -> list[str]:
     hand = {row.config.block: row for row in rows if row.config.method == "hand"}
     lines = [
         "| block | step: surgical / hand-written | step CPU: surgical / hand-written | peak memory: surgical / "
-        "hand-written (MB more) | step: no_grad prefix / plain autograd |",
+        "hand-written (MB more) | step: no_grad prefix / plain autograd (CPU) |",
         "|---|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -496,11 +510,17 @@ def overhead(rows: list[Row]) -> list[str]:
         if other is not None:
             extra = row.footprint.peak_memory - other.footprint.peak_memory
             cells[1:] = [
-                f"{row.timing.step / other.timing.step:.3f}",
-                f"{row.timing.step_cpu / other.timing.step_cpu:.3f}",
+                f"{_paired(row.timing.steps, other.timing.steps):.3f}",
+                f"{_paired(row.timing.cpu, other.timing.cpu):.3f}",
                 f"{row.footprint.peak_memory / other.footprint.peak_memory:.3f} ({_mb(extra)})",
             ]
-        cells.append(f"{row.no_grad_prefix.step / row.timing.step:.3f}" if row.no_grad_prefix else "")
+        no_grad = row.no_grad_prefix
+        if no_grad is not None:
+            cells.append(
+                f"{_paired(no_grad.steps, row.timing.steps):.3f} ({_paired(no_grad.cpu, row.timing.cpu):.3f})"
+            )
+        else:
+            cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -540,8 +560,8 @@ def targets(rows: list[Row]) -> list[str]:
         if row.config.method != "surgical" or other is None:
             continue
         name = f"`{row.config.block}` surgical"
-        value = 100 * (row.timing.step / other.timing.step - 1)
-        note = f" (CPU time: {100 * (row.timing.step_cpu / other.timing.step_cpu - 1):+.1f}%)"
+        value = 100 * (_paired(row.timing.steps, other.timing.steps) - 1)
+        note = f" (CPU time: {100 * (_paired(row.timing.cpu, other.timing.cpu) - 1):+.1f}%)"
         check(f"{name} step at most 5% slower than hand-written", value, 5, False, "%", note)
         value = 100 * (row.footprint.peak_memory / other.footprint.peak_memory - 1)
         check(f"{name} peak memory at most 5% above hand-written", value, 5, False, "%")
@@ -582,7 +602,8 @@ def write_report(rows: list[Row], args: argparse.Namespace, seconds: float, load
             *table(arch_rows),
             "",
             "Surgical through `get_peft_model` against hand-written `requires_grad` freezing of the same block, and "
-            "the frozen prefix run under `torch.no_grad()` against plain autograd (ratios of medians):",
+            "the frozen prefix run under `torch.no_grad()` against plain autograd: step times are the median over "
+            "rounds of the ratio of two steps run one after the other (in alternating order).",
             "",
             *overhead(arch_rows),
         ]

@@ -2,10 +2,10 @@
 
 Surgical fine-tuning of a deep block leaves every block in front of it frozen. PyTorch already runs that frozen
 prefix without autograd: no parameter or input there requires grad, so no graph node is recorded, no activation is
-kept for backward, and backward stops at the first trainable block (wrapping the prefix in `torch.no_grad()` measured
-no faster and no smaller; see `benchmarks/efficiency.py`). What is left is the prefix's forward compute, repeated
-every epoch on the same examples. With a deterministic input pipeline its output never changes, so `FeatureCache`
-computes it once:
+kept for backward, and backward stops at the first trainable block (running the prefix under `torch.no_grad()`
+instead measured no faster in `benchmarks/efficiency.py`, and held no less memory). What is left is the prefix's
+forward compute, repeated every epoch on the same examples. With a deterministic input pipeline its output never
+changes, so `FeatureCache` computes it once:
 
 - the first time an example is seen, the forward runs as usual and the input of the first trainable block is kept
   for it (in memory, or in memory-mapped files on disk), up to `max_bytes`;
@@ -13,6 +13,8 @@ computes it once:
   a zero-stride placeholder of the right shape (no compute, no memory), and the first trainable block receives the
   cached features instead;
 - in a batch mixing cached and new examples, the prefix runs on the new ones only.
+
+Hidden states that the model returns for skipped blocks (`output_hidden_states=True`) are those placeholders.
 
 While the cache is in use the prefix runs in eval mode (dropout off, BatchNorm on its running statistics), which is
 what makes its output a function of the example alone; the surgical tuner keeps frozen BatchNorm in eval mode anyway.
@@ -285,8 +287,9 @@ class FeatureCache:
             augmentation), which caching relies on.
         max_bytes: bound on the cached features' bytes. Examples that do not fit are computed every time, with a
             warning once.
-        directory: `None` keeps the features in CPU memory; a path keeps them in files in a fresh subdirectory of it
-            (removed when the cache is cleared or garbage collected), read back memory-mapped.
+        directory: `None` keeps the features in CPU memory; a path keeps them in files in a fresh subdirectory of it,
+            read back memory-mapped (the files go when the cache is cleared, the subdirectory when it is garbage
+            collected).
         block: the block whose input is cached, when not the first trainable one: an earlier block (less is cached;
             nothing before it may require grad).
         data: the dataset, data loader or transform the examples come from, checked for random transforms
