@@ -23,7 +23,7 @@ eval mode in every configuration (the surgical tuner does it; hand-written freez
 full fine-tuning trains every BatchNorm.
 
 Usage:
-    python benchmarks/efficiency.py                  # the full run (about 25 minutes on 2 otherwise idle cores)
+    python benchmarks/efficiency.py                  # the full run (about 30 minutes on 2 otherwise idle cores)
     python benchmarks/efficiency.py --quick          # tiny models, a few steps: a smoke test
     python benchmarks/efficiency.py --device cuda    # on a GPU (timings synchronised, peak allocated memory)
 """
@@ -253,7 +253,10 @@ def _grad_mode_between(model: nn.Module, first: str, entry: str) -> Iterator[Non
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-def _glibc() -> ctypes.CDLL | None:
+def _glibc(device: torch.device) -> ctypes.CDLL | None:
+    """glibc, whose allocator serves CPU tensors; `None` for other devices or without glibc."""
+    if device.type != "cpu":
+        return None
     try:
         return ctypes.CDLL("libc.so.6")
     except OSError:
@@ -272,7 +275,7 @@ def keep_freed_memory(device: torch.device) -> None:
     process against 2.9-3.5 s with this setting, and by how much depended on the history of the process. A fixed,
     maximal threshold (32 MiB) and no trimming make every configuration run under the same steady conditions.
     """
-    libc = _glibc() if device.type == "cpu" else None
+    libc = _glibc(device)
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
         libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
@@ -292,7 +295,7 @@ class Memory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.baseline = 0
-        self.libc = _glibc() if device.type == "cpu" else None
+        self.libc = _glibc(device)
         if self.libc is not None:
             self.libc.mallopt(_M_MMAP_THRESHOLD, self._MMAP_THRESHOLD_BYTES)
 
@@ -409,8 +412,9 @@ def _paired(steps: list[float], others: list[float]) -> float:
 
 def _paired_spread(steps: list[float], others: list[float]) -> str:
     """The paired median with the quartiles of the per-round ratios, e.g. `0.985 (0.962-1.004)`."""
-    low, _, high = statistics.quantiles(_ratios(steps, others), n=4)
-    return f"{_paired(steps, others):.3f} ({low:.3f}-{high:.3f})"
+    ratios = _ratios(steps, others)
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.3f} ({low:.3f}-{high:.3f})"
 
 
 def measure_times(
@@ -754,13 +758,13 @@ def main(argv: list[str] | None = None) -> None:
             args.threads, device, measure_times, configs, no_grad, cached, schedule, args.quick, device
         )
         loads.append(os.getloadavg()[0])
-        alone = [
-            in_fresh_process(args.threads, device, measure_fresh_steps, config, schedule, args.quick, device)
-            if device.type == "cpu" and arch in ALONE
-            else None
-            for config in tqdm(configs, desc=f"{arch}: steps alone, one process each")
-        ]
-        loads.append(os.getloadavg()[0])
+        alone: list[Timing | None] = [None] * len(configs)
+        if device.type == "cpu" and arch in ALONE:
+            alone = [
+                in_fresh_process(args.threads, device, measure_fresh_steps, config, schedule, args.quick, device)
+                for config in tqdm(configs, desc=f"{arch}: steps alone, one process each")
+            ]
+            loads.append(os.getloadavg()[0])
         rows += [
             Row(config, footprint, timings[config.name], timings.get(f"{config.name} no_grad prefix"), steps)
             for config, footprint, steps in zip(configs, footprints, alone, strict=True)
