@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
 import surgical_peft
+from surgical_peft.blocks import is_under
 from surgical_peft.features import FeatureCache
 
 Item = TypeVar("Item")
@@ -180,14 +181,10 @@ def make_batches(count: int, quick: bool, device: torch.device) -> list[Batch]:
     ]
 
 
-def _under(path: str, prefixes: tuple[str, ...]) -> bool:
-    return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
-
-
 def _freeze_norms(model: nn.Module, except_under: tuple[str, ...] = ()) -> None:
     """Put BatchNorm layers outside `except_under` in eval mode, as the surgical tuner does for frozen ones."""
     for path, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not _under(path, except_under):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not is_under(path, except_under):
             module.eval()
 
 
@@ -211,7 +208,7 @@ class Trainee:
         if config.method == "hand":
             tuned = tuple(surgical_peft.list_blocks(model)[config.block])
             for path, parameter in model.named_parameters():
-                parameter.requires_grad_(_under(path, tuned))
+                parameter.requires_grad_(is_under(path, tuned))
             _freeze_norms(model, tuned)
             return model
         targets = [path for path, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]

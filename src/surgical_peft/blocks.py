@@ -53,6 +53,11 @@ def _format_count(count: int) -> str:
     return str(count)
 
 
+def is_under(path: str, prefixes: Iterable[str]) -> bool:
+    """Whether `path` (a module or tensor path) is one of `prefixes` or lies inside one of them."""
+    return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
+
+
 class BlockMap(dict[str, tuple[str, ...]]):
     """Ordered mapping of block name -> module paths, in forward order, with parameter counts.
 
@@ -87,7 +92,7 @@ class BlockMap(dict[str, tuple[str, ...]]):
     def block_of(self, module_path: str) -> str | None:
         """Name of the block that holds `module_path` (a module or tensor path), or `None`."""
         for block, modules in self.items():
-            if any(module_path == module or module_path.startswith(module + ".") for module in modules):
+            if is_under(module_path, modules):
                 return block
         return None
 

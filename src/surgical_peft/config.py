@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft.config import PeftConfig
-from peft.utils import PeftType
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
 
-from .deltas import WEIGHTS_NAME, check_adapter_file
+from .deltas import check_adapter_file
 
 __all__ = ["AUTO_CRITERIA", "DELTA_DTYPES", "SurgicalConfig"]
 
@@ -107,6 +108,11 @@ class SurgicalConfig(PeftConfig):
             return []
         return [self.block] if isinstance(self.block, str) else list(self.block)
 
+    @property
+    def delta_torch_dtype(self) -> torch.dtype | None:
+        """`delta_dtype` as a `torch.dtype` (`None`: each tensor keeps its own)."""
+        return getattr(torch, self.delta_dtype) if self.delta_dtype else None
+
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
@@ -115,7 +121,7 @@ class SurgicalConfig(PeftConfig):
         `PeftModel.from_pretrained` (which loads the config first) refuses a corrupt file before it changes the model.
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        weights = Path(pretrained_model_name_or_path, subfolder or "", WEIGHTS_NAME)
+        weights = Path(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
         if weights.is_file():
             check_adapter_file(weights)
         return config

@@ -22,7 +22,6 @@ from safetensors import SafetensorError, safe_open
 __all__ = ["save_adapter"]
 
 KEY_PREFIX = "base_model.model."
-WEIGHTS_NAME = "adapter_model.safetensors"
 _FINGERPRINT_DIGEST_CHARS = 16
 
 

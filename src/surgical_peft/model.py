@@ -10,7 +10,7 @@ from peft.utils.error import NoMatchingPeftModuleError
 from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter
 from torch import nn
 
-from .blocks import BlockMap, list_blocks
+from .blocks import BlockMap, is_under, list_blocks
 from .config import SurgicalConfig
 from .deltas import KEY_PREFIX, check_delta_state_dict, check_fingerprint, fingerprint
 from .layer import SurgicalLayer, owned_tensors
@@ -18,10 +18,6 @@ from .layer import SurgicalLayer, owned_tensors
 __all__ = ["SurgicalModel"]
 
 _NORMS_WITH_RUNNING_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-def _under(path: str, prefixes: list[str]) -> bool:
-    return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
 
 
 class SurgicalModel(BaseTuner):
@@ -86,7 +82,7 @@ class SurgicalModel(BaseTuner):
             targets = [path for path in pending if not any(path.startswith(other + ".") for other in pending)]
             for target in targets:
                 for name, module in model.get_submodule(target).named_modules(prefix=target):
-                    if _under(name, config.modules_to_save or []) or not any(True for _ in owned_tensors(module)):
+                    if is_under(name, config.modules_to_save or []) or not any(True for _ in owned_tensors(module)):
                         continue
                     key = name.replace(".", "/")
                     if key not in self.surgical_layers:
@@ -161,7 +157,7 @@ class SurgicalModel(BaseTuner):
         block_tensors: dict[str, dict[str, torch.Tensor]] = {block: {} for block in blocks}
         for path, tensor in base.items():
             block = blocks.block_of(path)
-            if block is not None and not _under(path, config.modules_to_save or []):
+            if block is not None and not is_under(path, config.modules_to_save or []):
                 block_tensors[block][path] = tensor
         result = fingerprint(blocks.model_name, block_tensors)
         if not config.modules_to_save:
@@ -200,30 +196,33 @@ class SurgicalModel(BaseTuner):
             )
         active = adapter_names[0] if adapter_names and self._adapters_enabled else None
         modules = self._adapter_modules.get(active, []) if active is not None else []
-        tuned = {path.replace(".", "/") for path in modules}
+        tuned = set(modules)
         for key, layer in self.surgical_layers.items():
-            layer.load(active if key in tuned else None)
+            layer.load(active if key.replace("/", ".") in tuned else None)
             layer.set_status(adapter_names, self._adapters_enabled)
         trainable = active is not None and not self.peft_config[active].inference_mode
-        tuned = set(modules)
         auxiliary = [name for name, _ in self._auxiliary_modules()]
         for path, parameter in self.model.named_parameters():
             module_path = path.rpartition(".")[0]
-            if not _under(module_path, auxiliary):  # PEFT's modules_to_save wrappers manage their own parameters
+            if not is_under(module_path, auxiliary):  # PEFT's modules_to_save wrappers manage their own parameters
                 parameter.requires_grad_(trainable and module_path in tuned)
         self._set_norm_modes(modules)
+
+    @property
+    def _loaded_adapter(self) -> str | None:
+        """The adapter whose weights the model holds (`None` when adapters are disabled)."""
+        return self.active_adapters[0] if self.active_adapters and self._adapters_enabled else None
 
     def _set_norm_modes(self, tuned_modules: list[str]) -> None:
         """Frozen norms with running statistics run in eval mode; the tuned ones follow the model's mode."""
         for path, module in self.model.named_modules():
             if isinstance(module, _NORMS_WITH_RUNNING_STATS):
-                module.train(self.model.training and _under(path, tuned_modules))
+                module.train(self.model.training and is_under(path, tuned_modules))
 
     def train(self, mode: bool = True) -> SurgicalModel:
         """`nn.Module.train`, except that frozen BatchNorm layers stay in eval mode (their statistics never drift)."""
         super().train(mode)
-        active = self.active_adapters[0] if self.active_adapters and self._adapters_enabled else None
-        self._set_norm_modes(self._adapter_modules.get(active, []))
+        self._set_norm_modes(self._adapter_modules.get(self._loaded_adapter, []))
         return self
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -284,7 +283,7 @@ class SurgicalModel(BaseTuner):
 
     def _check_finite(self) -> None:
         """Raise a `ValueError` if the weights of the modules the active adapter tunes hold NaN or inf."""
-        active = self.active_adapters[0] if self.active_adapters and self._adapters_enabled else None
+        active = self._loaded_adapter
         broken = [
             f"{path}.{name}"
             for path in self._adapter_modules.get(active, [])
@@ -304,12 +303,10 @@ class SurgicalModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
-        if merge and adapter_names:
+        if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        elif merge and safe_merge:
-            self._check_finite()
-        for layer in self.surgical_layers.values():
-            if not merge:
+        else:
+            for layer in self.surgical_layers.values():
                 layer.load(None)
         for path, module in self._auxiliary_modules():
             parent, _, name = path.rpartition(".")
@@ -362,7 +359,7 @@ class SurgicalModel(BaseTuner):
         statistics) keep their dtype: they are tiny, and a shift can move a running variance by orders of magnitude,
         which bf16 deltas round badly (measured in benchmarks/shifts.py)."""
         tuner = cls._tuner_of(model)
-        dtype = getattr(torch, config.delta_dtype) if config.delta_dtype else None
+        dtype = config.delta_torch_dtype
         result = {}
         for path in tuner._adapter_modules[adapter_name]:
             layer = tuner._layer(path)
@@ -396,8 +393,7 @@ class SurgicalModel(BaseTuner):
         full = {key: tensor for key, tensor in state_dict.items() if auxiliary and key.startswith(auxiliary)}
         deltas = {key: tensor for key, tensor in state_dict.items() if key not in full}
         try:
-            delta_dtype = getattr(torch, config.delta_dtype) if config.delta_dtype else None
-            check_delta_state_dict(deltas, tuner._adapter_tensors(adapter_name), delta_dtype)
+            check_delta_state_dict(deltas, tuner._adapter_tensors(adapter_name), config.delta_torch_dtype)
         except ValueError:
             if adapter_name in tuner._awaiting_weights:
                 tuner._forget(adapter_name)
