@@ -287,6 +287,7 @@ def fine_tune(
     resume = _latest_checkpoint(args.output_dir)
     epochs_done: list[int] = resume[1]["epochs_done"] if resume else []
     history: list[dict[str, Any]] = resume[1]["history"] if resume else []
+    last_accuracy: float | None = None  # eval accuracy after this call's last epoch
     for phase_index, (phase, blocks, epochs, learning_rate) in enumerate(args.phases()):
         # Each phase trains a different set of tensors, so it gets its own optimizer and DDP wrapper.
         peft_model.base_model.set_requires_grad(peft_model.active_adapter, True)
@@ -325,14 +326,15 @@ def fine_tune(
                     optimizer.zero_grad()
                 total += loss.detach()
                 count += 1
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if not bar.disable:  # `.item()` waits for the device: only for a bar someone sees
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
             record: dict[str, Any] = {
                 "phase": phase,
                 "epoch": epoch + 1,
                 "train_loss": float(accelerator.reduce(total, reduction="mean")) / max(count, 1),
             }
             if prepared_eval is not None:
-                record["eval_accuracy"] = evaluate_accuracy(prepared_model, prepared_eval, accelerator)
+                last_accuracy = record["eval_accuracy"] = evaluate_accuracy(prepared_model, prepared_eval, accelerator)
             history.append(record)
             epochs_done[phase_index] = epoch + 1
             if args.output_dir is not None:
@@ -344,8 +346,12 @@ def fine_tune(
 
     peft_model.base_model.set_requires_grad(peft_model.active_adapter, True)
     metrics = {"train_loss": history[-1]["train_loss"] if history else math.nan}
-    if eval_loader is not None:
-        metrics["eval_accuracy"] = evaluate_accuracy(peft_model, accelerator.prepare(eval_loader), accelerator)
+    if eval_loader is not None:  # this call's last epoch scored the final weights, unless it ran none (resumed)
+        metrics["eval_accuracy"] = (
+            last_accuracy
+            if last_accuracy is not None
+            else evaluate_accuracy(peft_model, accelerator.prepare(eval_loader), accelerator)
+        )
     if callers_accelerator:  # release what this call prepared; an accelerator of our own just goes away
         accelerator.free_memory()
     return FineTuneResult(model=peft_model, metrics=metrics, history=history)
