@@ -254,8 +254,9 @@ def make_target(
             return shifts.permute_labels(split, seed=seed)
         return split  # spurious and subpopulation targets are shifted already; "none" is not
 
-    target = datasets.DatasetDict({name: shifted(split, index) for index, (name, split) in enumerate(target.items())})
-    return datasets.DatasetDict(source=halves["source"], train=target["train"], eval=target["eval"])
+    return datasets.DatasetDict(
+        source=halves["source"], train=shifted(target["train"], 0), eval=shifted(target["eval"], 1)
+    )
 
 
 def load_image_processor(model_name_or_path: str) -> Any | None:

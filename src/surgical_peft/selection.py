@@ -111,8 +111,10 @@ class BlockRanking:
 
     def ranked(self) -> list[str]:
         """All blocks, best first; ties keep forward order (the earlier block first)."""
-        order = list(self.scores)
-        return sorted(order, key=lambda block: (-_sortable(self.scores[block]), order.index(block)))
+        return sorted(self.scores, key=lambda block: -_sortable(self.scores[block]))  # sorted() keeps ties' order
+
+    def _ranks(self) -> dict[str, int]:
+        return {block: position for position, block in enumerate(self.ranked(), start=1)}
 
     def best(self, k: int = 1) -> list[str]:
         """The `k` best blocks, best first (all of them when `k` exceeds their number)."""
@@ -140,7 +142,7 @@ class BlockRanking:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form: the criterion, one row per block (forward order, with its rank), timings."""
-        rank = {block: position for position, block in enumerate(self.ranked(), start=1)}
+        rank = self._ranks()
         return {
             "criterion": self.criterion,
             "description": _DESCRIPTIONS[self.criterion],
@@ -170,7 +172,7 @@ class BlockRanking:
         )
 
     def __str__(self) -> str:
-        rank = {block: position for position, block in enumerate(self.ranked(), start=1)}
+        rank = self._ranks()
         best = self.best(1)[0] if self.scores else None
         width = max([5, *(len(block) for block in self.scores)])
         lines = [_DESCRIPTIONS[self.criterion]]
