@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 __all__ = ["BlockMap", "list_blocks"]
@@ -51,6 +52,12 @@ def _format_count(count: int) -> str:
         if count >= divisor:
             return f"{count / divisor:.1f}{suffix}"
     return str(count)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose parameters a block map names: DDP, DataParallel and `PeftModel` wrappers removed."""
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def is_under(path: str, prefixes: Iterable[str]) -> bool:
@@ -201,7 +208,7 @@ def list_blocks(model: nn.Module) -> BlockMap:
     top-level modules, which can be passed as `SurgicalConfig(target_modules=...)`.
 
     Args:
-        model: the model, or a `PeftModel` wrapping it.
+        model: the model, or a `PeftModel` (or DDP) wrapping it.
 
     Example:
         >>> from transformers import ViTConfig, ViTForImageClassification
@@ -211,8 +218,7 @@ def list_blocks(model: nn.Module) -> BlockMap:
         >>> list(list_blocks(ViTForImageClassification(config)))
         ['embeddings', 'layer1', 'layer2', 'norm', 'head']
     """
-    if hasattr(model, "get_base_model"):  # a PeftModel
-        model = model.get_base_model()
+    model = unwrap_model(model)
     entries = _structural_entries(model)
     structural = entries is not None
     if entries is None:

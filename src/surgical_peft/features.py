@@ -67,7 +67,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .blocks import list_blocks
+from .blocks import list_blocks, unwrap_model
 
 __all__ = ["FeatureCache", "IndexedDataset", "random_transforms"]
 
@@ -339,9 +339,7 @@ class FeatureCache:
             )
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}.")
-        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_model(model)
         blocks = list_blocks(base)
         trainable = [name for name, parameter in base.named_parameters() if parameter.requires_grad]
         first_trainable = next(

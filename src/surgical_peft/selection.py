@@ -51,14 +51,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .blocks import BlockMap, _format_count, list_blocks
+from .blocks import BlockMap, _format_count, list_blocks, unwrap_model
 from .config import AUTO_CRITERIA, SurgicalConfig
 from .training import FineTuneArguments, fine_tune
 
@@ -191,18 +190,13 @@ def _sortable(score: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _base_model(model: nn.Module) -> nn.Module:
-    """The module whose parameters the block map names: DDP and `PeftModel` wrappers removed."""
-    model = extract_model_from_parallel(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _candidates(model: nn.Module, blocks: Sequence[str] | None) -> tuple[BlockMap, dict[str, list[str]], dict]:
     """The block map, the candidate blocks' parameter names (block -> names, forward order) and name -> parameter."""
-    block_map = list_blocks(_base_model(model))
+    base = unwrap_model(model)
+    block_map = list_blocks(base)
     names = list(block_map) if blocks is None else list(blocks)
     block_map.target_modules(names)  # raises on unknown names, listing the valid ones
-    parameters = {name: p for name, p in _base_model(model).named_parameters() if p.is_floating_point()}
+    parameters = {name: p for name, p in base.named_parameters() if p.is_floating_point()}
     tensors: dict[str, list[str]] = {block: [] for block in names}
     for name in parameters:
         block = block_map.block_of(name)
@@ -348,7 +342,7 @@ def relative_gradient_norms(
         >>> len(norms), norms[0] > 0
         (1, True)
     """
-    module = _base_model(model)
+    module = unwrap_model(model)
     parameters = list(parameters) if parameters is not None else [p for p in module.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("No parameters to measure: none was given and none requires grad.")
@@ -411,7 +405,7 @@ def rank_blocks(
     else:
         names = [name for found in tensors.values() for name in found]
         chosen = [parameters[name] for name in names]
-        module = _base_model(model)
+        module = unwrap_model(model)
         batches = _batches(dataloader, num_batches, chosen[0].device)
         if progress:
             batches = tqdm(batches, desc=f"{criterion} ranking", total=num_batches, leave=False)
@@ -449,7 +443,7 @@ def _sweep(
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
     train, heldout = Subset(dataset, order[held_out:]), Subset(dataset, order[:held_out])
     args = sweep_args or FineTuneArguments(epochs=3, batch_size=dataloader.batch_size or 32)
-    base = _base_model(model)
+    base = unwrap_model(model)
     scores, seconds = {}, {}
     for block in tqdm(blocks, desc="sweep", disable=not progress):
         start = time.perf_counter()
