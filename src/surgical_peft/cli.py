@@ -57,7 +57,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in help_text:
+        takes_value = action.nargs != 0  # flags such as --no-progress have a default but take no value
+        shown = "default" in help_text  # the help already says it, e.g. "%(default)s" or "'digits' (default)"
+        unset = action.default is None or action.default is argparse.SUPPRESS  # (0 is a default to show)
+        if takes_value and not shown and not unset:
             help_text += " (default: %(default)s)"
         return help_text
 

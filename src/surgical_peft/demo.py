@@ -281,7 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-n", type=int, default=150, help="labelled target images (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="seeds per row (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data splits, the source model and the first run (default: %(default)s)",
+    )
     parser.add_argument("--cache-dir", help="where the source model is cached (default: ~/.cache/surgical_peft)")
     parser.add_argument("--output-dir", default="outputs/demo", help="where demo.png goes (default: %(default)s)")
     args = parser.parse_args(argv)
