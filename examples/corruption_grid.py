@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from surgical_peft.shifts import plot_corruption_grid
+from surgical_peft.experiments.shifts import plot_corruption_grid
 
 digit = load_digits().images[0]  # an 8x8 "0", ink from 0 to 16
 image = Image.fromarray(np.uint8(digit * 255 / 16)).resize((32, 32), Image.Resampling.NEAREST)

@@ -2,7 +2,7 @@
 
 With no arguments, runs the paper's headline experiment at small scale, offline (a few minutes on a CPU): a small
 ResNet pretrained on clean digits, a contrast-shifted target, and target accuracy per tuned block, printed and
-charted (see `surgical_peft.demo`).
+charted (see `surgical_peft.experiments.demo`).
 
 With arguments, runs one fine-tuning, on one CPU or, under `accelerate launch`, on several devices:
 
@@ -19,10 +19,9 @@ before training with exit status 2. An interrupted run resumes from its last che
 import argparse
 import sys
 
-from accelerate import PartialState
-
-from surgical_peft.demo import demo
-from surgical_peft.recipe import InputError, add_training_arguments, run_training
+from surgical_peft.cli.recipe import add_training_arguments, print_summary, run_training
+from surgical_peft.errors import InputError
+from surgical_peft.experiments.demo import demo
 
 
 def main() -> None:
@@ -32,13 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     args = add_training_arguments(parser).parse_args()
     try:
-        summary = run_training(args)
+        print_summary(run_training(args))
     except InputError as error:
         parser.error(str(error))  # exit status 2
-    if not PartialState().is_main_process:
-        return
-    metrics = ", ".join(f"{name} {value:.4f}" for name, value in summary["metrics"].items())
-    print(f"{summary['strategy']} {'+'.join(summary['blocks'])}: {metrics}. Adapter: {summary['adapter_dir']}")
 
 
 if __name__ == "__main__":

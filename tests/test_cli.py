@@ -78,8 +78,9 @@ def test_errors_exit_with_status_2_and_one_line(
     model_dir: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["blocks", str(tmp_path / "missing")]) == 2
-    assert (
-        capsys.readouterr().err.strip() == f"surgical-peft blocks: error: No model directory '{tmp_path / 'missing'}'."
+    assert capsys.readouterr().err.strip() == (
+        f"surgical-peft blocks: error: Cannot load model '{tmp_path / 'missing'}': there is no such directory. Pass a "
+        "Hub id (cached when offline), a local directory saved with save_pretrained, or the built-in demo-resnet."
     )
     narrow = tmp_path / "one-label"
     ResNetForImageClassification(
@@ -103,4 +104,4 @@ def test_console_entry_point_prints_no_traceback(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr and "error: No model directory" in result.stderr
+    assert "Traceback" not in result.stderr and "there is no such directory" in result.stderr

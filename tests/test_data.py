@@ -1,4 +1,4 @@
-"""Data loading, target splits, shifts and preprocessing (`surgical_peft.data`), offline."""
+"""Data loading, target splits, shifts and preprocessing (`surgical_peft.experiments.data`), offline."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from surgical_peft.data import (
+from surgical_peft.experiments.data import (
     SHIFTS,
     image_transform,
     load_digits,

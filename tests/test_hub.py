@@ -135,7 +135,7 @@ import argparse, sys
 import surgical_peft
 from peft import PeftModel
 from transformers import AutoModelForImageClassification
-from surgical_peft.recipe import add_training_arguments, run_training
+from surgical_peft.cli.recipe import add_training_arguments, run_training
 
 model_dir, output = sys.argv[1], sys.argv[2]
 argv = ["--model", model_dir, "--block", "stage1", "--train-n", "20", "--eval-n", "10", "--epochs", "1"]

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from surgical_peft import BlockRanking, SurgicalConfig, list_blocks, rank_blocks, select_blocks
-from surgical_peft.selection import relative_gradient_norms
+from surgical_peft.gradients import relative_gradient_norms
 from surgical_peft.training import FineTuneArguments, fine_tune
 
 Snapshot = dict[str, torch.Tensor]

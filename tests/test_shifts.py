@@ -1,4 +1,4 @@
-"""Tests for surgical_peft.shifts on real images: scikit-learn's 8x8 digits and its two sample photographs."""
+"""`surgical_peft.experiments.shifts` on real images: scikit-learn's 8x8 digits and its two sample photographs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 
-from surgical_peft.shifts import (
+from surgical_peft.experiments.shifts import (
     CORRUPTIONS,
     corrupt,
     corrupt_image,

@@ -1,4 +1,4 @@
-"""`examples/train.py` and the recipe behind it (`surgical_peft.recipe`), and the demo, on tiny models, offline."""
+"""`examples/train.py` and the recipe behind it (`surgical_peft.cli.recipe`), and the demo, on tiny models, offline."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification
 
-import surgical_peft.demo
-from surgical_peft.data import load_digits, make_target, preprocess
-from surgical_peft.recipe import InputError, add_training_arguments, run_training
+import surgical_peft.experiments.demo
+from surgical_peft.cli.recipe import add_training_arguments, run_training
+from surgical_peft.errors import InputError
+from surgical_peft.experiments.data import load_digits, make_target, preprocess
 from surgical_peft.training import FineTuneArguments, evaluate_accuracy, fine_tune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def no_images(tmp_path_factory: pytest.TempPathFactory) -> str:
     ("argv", "message"),
     [
         (["--block", "stage9"], r"Unknown block 'stage9' .*Valid blocks: embedder, stage1, stage2, head\."),
-        (["--block", "all", "--block", "stage1"], r"--block all means full fine-tuning"),
+        (["--block", "all", "--block", "stage1"], r"blocks=\['all'\] means full fine-tuning; it cannot be combined"),
         (["--train-n", "5000"], r"train_n=5000 .*larger than the target data: it has 899 examples"),
         (["--epochs", "0"], r"epochs must be at least 1, got 0"),
         (["--dataset", "NO_IMAGES"], r"no image column .*columns are: text \(Value\), label \(Value\)"),
@@ -179,7 +180,7 @@ def test_the_script_exits_with_status_2_and_the_message(tiny_model: str, tmp_pat
 
 def test_the_script_without_arguments_runs_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(surgical_peft.demo, "demo", lambda: calls.append("demo"))
+    monkeypatch.setattr(surgical_peft.experiments.demo, "demo", lambda: calls.append("demo"))
     monkeypatch.setattr(sys, "argv", [str(TRAIN)])
     runpy.run_path(str(TRAIN), run_name="__main__")
     assert calls == ["demo"]
@@ -190,8 +191,8 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache holding the demo's source model, pretrained for one epoch only."""
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(surgical_peft.demo, "_PRETRAIN_EPOCHS", 1)
-        surgical_peft.demo.source_model(cache_dir=cache, progress=False)
+        patch.setattr(surgical_peft.experiments.demo, "_PRETRAIN_EPOCHS", 1)
+        surgical_peft.experiments.demo.source_model(cache_dir=cache, progress=False)
     return cache
 
 
@@ -199,8 +200,8 @@ def test_the_source_model_is_cached(demo_cache: Path, monkeypatch: pytest.Monkey
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached source model was pretrained again")
 
-    monkeypatch.setattr(surgical_peft.demo, "fine_tune", no_training)
-    path = surgical_peft.demo.source_model("contrast", cache_dir=demo_cache)
+    monkeypatch.setattr(surgical_peft.experiments.demo, "fine_tune", no_training)
+    path = surgical_peft.experiments.demo.source_model("contrast", cache_dir=demo_cache)
     assert (path / "config.json").is_file()
     assert AutoModelForImageClassification.from_pretrained(path).config.image_size == 32
 
@@ -209,7 +210,7 @@ def test_the_demo_prints_a_table_and_draws_a_chart(
     demo_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = {"train_n": 20, "val_n": 10, "epochs": 1, "learning_rates": (1e-3, 1e-2), "repeats": 2}
-    result = surgical_peft.demo.demo(**settings, cache_dir=demo_cache, output_dir=tmp_path)
+    result = surgical_peft.experiments.demo.demo(**settings, cache_dir=demo_cache, output_dir=tmp_path)
     rows = ["no fine-tuning", "embedder", "stage1", "stage2", "stage3", "stage4", "head", "full"]
     assert list(result.accuracy) == rows
     assert result.best in rows[1:] and result.best == max(rows[1:], key=result.accuracy.get)

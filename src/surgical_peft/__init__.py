@@ -1,7 +1,8 @@
 """surgical-peft: surgical fine-tuning (Lee et al., ICLR 2023) as a PEFT method.
 
 Importing the package registers the `"SURGICAL"` PEFT type, so that `peft.get_peft_model`, `PeftModel.from_pretrained`
-and `AutoPeftModel*.from_pretrained` work with `SurgicalConfig` and with adapters saved from it.
+and `AutoPeftModel*.from_pretrained` work with `SurgicalConfig` and with adapters saved from it. It loads the tuner
+and the block maps only; `rank_blocks`, `select_blocks` and `BlockRanking` are imported on first use.
 
 Example:
     >>> import surgical_peft
@@ -13,18 +14,13 @@ Example:
     trainable params: 92 || all params: 1,766 || trainable%: 5.2095
 """
 
-from aenum import extend_enum
-from peft.utils import PeftType, register_peft_method
+from __future__ import annotations
 
-# PEFT's registry only takes members of its closed PeftType enum, so the type is added to it first.
-if "SURGICAL" not in PeftType.__members__:
-    extend_enum(PeftType, "SURGICAL", "SURGICAL")
+import importlib
+from typing import Any
 
 from .blocks import BlockMap, list_blocks
-from .config import SurgicalConfig
-from .deltas import save_adapter
-from .model import SurgicalModel
-from .selection import BlockRanking, rank_blocks, select_blocks
+from .tuner import SurgicalConfig, SurgicalModel, save_adapter
 
 __version__ = "0.1.0"
 __all__ = [
@@ -38,12 +34,14 @@ __all__ = [
     "select_blocks",
 ]
 
-
-def _register() -> None:
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    if PeftType.SURGICAL not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        register_peft_method(name="surgical", config_cls=SurgicalConfig, model_cls=SurgicalModel)
+_LAZY = {"BlockRanking": "selection", "rank_blocks": "selection", "select_blocks": "selection"}
 
 
-_register()
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,0 +1,94 @@
+"""`BlockMap`: a model's blocks in forward order (name -> module paths), with parameter counts.
+
+Example:
+    >>> from surgical_peft.blocks.block_map import BlockEntry, BlockMap
+    >>> blocks = BlockMap("Net", [BlockEntry("stem", ("conv",), 80), BlockEntry("head", ("fc",), 20)], structural=True)
+    >>> blocks.target_modules(["head"]), blocks.block_of("fc.weight")
+    (['fc'], 'head')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from torch import nn
+
+from ..errors import InputError
+from .paths import is_under
+
+__all__ = ["BlockEntry", "BlockMap", "format_count", "num_parameters"]
+
+
+class BlockEntry(NamedTuple):
+    """One block: its name, the module paths it holds and their number of parameters."""
+
+    name: str
+    modules: tuple[str, ...]
+    num_parameters: int
+
+
+def num_parameters(module: nn.Module) -> int:
+    """Number of parameters of `module` and its children."""
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def format_count(count: int) -> str:
+    """`count` with a K/M/B suffix, e.g. `'1.2K'`."""
+    for divisor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= divisor:
+            return f"{count / divisor:.1f}{suffix}"
+    return str(count)
+
+
+class BlockMap(dict[str, tuple[str, ...]]):
+    """Ordered mapping of block name -> module paths, in forward order, with parameter counts.
+
+    `str(block_map)` is a readable table. `structural` is `False` when the model has no known block structure and the
+    map is the generic fallback (one entry per parameterised top-level module).
+
+    Example:
+        >>> from torch import nn
+        >>> from surgical_peft import list_blocks
+        >>> blocks = list_blocks(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> dict(blocks), blocks.structural
+        ({'0': ('0',), '2': ('2',)}, False)
+    """
+
+    def __init__(self, model_name: str, entries: Iterable[BlockEntry], structural: bool) -> None:
+        entries = list(entries)
+        super().__init__((name, modules) for name, modules, _ in entries)
+        self.model_name = model_name
+        self.num_parameters: dict[str, int] = {name: count for name, _, count in entries}
+        self.structural = structural
+
+    def target_modules(self, blocks: Sequence[str]) -> list[str]:
+        """Module paths of `blocks`, in forward order; unknown names raise an `InputError` listing the valid ones."""
+        unknown = [block for block in blocks if block not in self]
+        if unknown:
+            raise InputError(
+                f"Unknown block {', '.join(map(repr, unknown))} for {self.model_name}. "
+                f"Valid blocks: {', '.join(self)}."
+            )
+        return [module for block in self for module in self[block] if block in blocks]
+
+    def block_of(self, module_path: str) -> str | None:
+        """Name of the block that holds `module_path` (a module or tensor path), or `None`."""
+        for block, modules in self.items():
+            if is_under(module_path, modules):
+                return block
+        return None
+
+    def __str__(self) -> str:
+        total = sum(self.num_parameters.values())
+        width = max([5, *(len(name) for name in self)])
+        lines = [f"{self.model_name}: {len(self)} blocks, {format_count(total)} parameters"]
+        lines.append(f"  {'block':<{width}}  {'params':>8}  {'share':>6}  modules")
+        for name, modules in self.items():
+            count = self.num_parameters[name]
+            share = 100 * count / total if total else 0.0
+            lines.append(f"  {name:<{width}}  {format_count(count):>8}  {share:5.1f}%  {', '.join(modules)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)

@@ -1,0 +1,12 @@
+"""The command line (`surgical-peft`): the commands (`commands/`), their shared options (`options.py`), the one model
+loader (`models.py`) and the training recipe (`recipe.py`).
+
+Example:
+    >>> from surgical_peft.cli import build_parser
+    >>> build_parser().parse_args(["blocks", "demo-resnet"]).command
+    'blocks'
+"""
+
+from .main import build_parser, main
+
+__all__ = ["build_parser", "main"]

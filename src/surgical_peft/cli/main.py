@@ -1,0 +1,100 @@
+"""The `surgical-peft` command line: list a model's blocks, rank them on target data, train, run the demo.
+
+    surgical-peft blocks MODEL
+    surgical-peft rank MODEL DATA [--criterion rgn|snr|sweep] [--shift SHIFT] [--plot ranking.png]
+    surgical-peft train ...
+    surgical-peft demo
+
+`surgical-peft COMMAND --help` describes each command (`surgical_peft.cli.commands`). Bad input prints a message (no
+traceback) and exits with status 2.
+
+Example:
+    >>> from surgical_peft.cli import main
+    >>> main(["blocks", "demo-resnet"])  # doctest: +ELLIPSIS
+    ResNetForImageClassification: 6 blocks, 310.7K parameters
+      block       params   share  modules
+      embedder      2.4K    0.8%  resnet.embedder
+    ...
+      head          1.3K    0.4%  classifier
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import SurgicalPeftError
+from .commands import COMMANDS
+
+__all__ = ["build_parser", "main"]
+
+_DESCRIPTION = """\
+Surgical fine-tuning (Lee et al., ICLR 2023) as a PEFT method: fine-tune one block of a pretrained model on a small
+labelled target set and freeze the rest. Which block depends on the distribution shift: the first block for
+input-level shifts (corruptions), a middle one for feature-level shifts, the last layer for output-level shifts."""
+
+_EPILOG = """\
+examples:
+  surgical-peft blocks microsoft/resnet-18
+  surgical-peft rank demo-resnet digits --shift contrast --plot ranking.png
+  surgical-peft train --help
+  surgical-peft demo
+
+Run 'surgical-peft COMMAND --help' for the options of a command."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and epilogs, and shows the defaults that are set."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        takes_value = action.nargs != 0  # flags such as --no-progress have a default but take no value
+        shown = "default" in help_text  # the help already says it, e.g. "%(default)s" or "'digits' (default)"
+        unset = action.default is None or action.default is argparse.SUPPRESS  # (0 is a default to show)
+        if takes_value and not shown and not unset:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `surgical-peft` argument parser.
+
+    Example:
+        >>> build_parser().parse_args(["rank", "demo-resnet", "digits", "--criterion", "snr"]).criterion
+        'snr'
+    """
+    parser = argparse.ArgumentParser(
+        prog="surgical-peft", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=_Formatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True)
+    for name in COMMANDS.names:
+        command = COMMANDS.get(name)
+        subparser = commands.add_parser(
+            name,
+            help=command.help,
+            description=command.description,
+            epilog=command.epilog,
+            formatter_class=_Formatter,
+        )
+        command.add_arguments(subparser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 on bad input, with a message on stderr).
+
+    Example:
+        >>> main(["blocks", "./no-such-model"])
+        2
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS.get(args.command).run(args)
+    except (SurgicalPeftError, ValueError, OSError, ImportError) as error:
+        print(f"surgical-peft {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,364 @@
+"""The training recipe behind `examples/train.py` and `surgical-peft train`: command-line arguments to a saved adapter.
+
+`add_training_arguments` adds the options to an `argparse` parser; `run_training` checks everything that can be
+checked before training (the dataset's columns, the shift and its severity, `--train-n` against the data, the block
+names against the model, a resumable `--output-dir`), raising `InputError` with a message naming the problem and the
+valid choices, then loads the model (re-initialising the classification head when the number of labels differs),
+fine-tunes it with `surgical_peft.training.fine_tune` under Accelerate, and, on the main process only, saves the
+adapter with its model card and a `metrics.json`, and pushes to the Hub if asked.
+
+Example:
+    >>> import argparse
+    >>> parser = add_training_arguments(argparse.ArgumentParser())
+    >>> args = parser.parse_args(["--block", "stage1", "--train-n", "100", "--epochs", "3"])
+    >>> fine_tune_arguments(args).blocks, fine_tune_arguments(args).epochs
+    (['stage1'], 3)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import datasets
+import safetensors.torch
+import torch
+import transformers
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from peft import get_peft_model_state_dict
+
+from ..blocks import HEAD, SPECIAL, list_blocks
+from ..errors import InputError
+from ..experiments.data import DIGITS, load_image_dataset, make_target
+from ..experiments.demo import SOURCE_MODEL
+from ..experiments.shifts import CORRUPTIONS
+from ..hub import push_adapter, render_model_card, save_adapter_with_card
+from ..training import LR_MODES, STRATEGIES, FineTuneArguments, fine_tune
+from ..tuner import DELTA_DTYPES
+from .models import LoadedModel, load_model
+from .options import MODEL_HELP, add_cache_dir_option, add_target_options
+
+__all__ = ["add_training_arguments", "fine_tune_arguments", "print_summary", "run_training", "training_option_names"]
+
+_DEFAULT_TRAIN_N = 200
+_DEFAULTS = FineTuneArguments()
+# Settings that may change between a run and its resumption; any other change makes a checkpoint unusable.
+_RESUMABLE = ("epochs", "lp_epochs", "output_dir", "push_to_hub", "hub_model_id", "progress", "cache_dir")
+_RUN_FILE = "run_args.json"
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--model", help=f"{MODEL_HELP} (default: {SOURCE_MODEL}, pretrained on the source half)")
+    data.add_argument(
+        "--dataset", default=DIGITS, help="Hub dataset id, local imagefolder directory, or 'digits' (default)"
+    )
+    data.add_argument("--split", default="train", help="dataset split to use (default: %(default)s)")
+    data.add_argument("--image-column", help="image column (default: the first datasets.Image column)")
+    data.add_argument("--label-column", help="label column (default: the first ClassLabel column)")
+    add_target_options(data, train_n=_DEFAULT_TRAIN_N)
+    data.add_argument("--eval-n", type=int, help="target evaluation images (default: the rest of the target half)")
+    add_cache_dir_option(data)
+
+
+def _add_fine_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    train = parser.add_argument_group("fine-tuning")
+    train.add_argument(
+        "--block",
+        action="append",
+        dest="blocks",
+        metavar="BLOCK",
+        help=f"block to tune, repeatable; 'all' for full fine-tuning, 'auto' to pick one by Auto-RGN "
+        f"(default: {' '.join(_DEFAULTS.blocks)})",
+    )
+    strategies = "; ".join(f"{name}: {STRATEGIES.get(name).description}" for name in STRATEGIES.names)
+    train.add_argument(
+        "--strategy", choices=STRATEGIES.names, default=_DEFAULTS.strategy, help=f"{strategies} (default: %(default)s)"
+    )
+    train.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help="epochs (default: %(default)s)")
+    train.add_argument("--lp-epochs", type=int, help="linear-probe epochs of lp-ft (default: --epochs)")
+    train.add_argument(
+        "--lr", type=float, default=_DEFAULTS.learning_rate, help="AdamW learning rate (default: %(default)s)"
+    )
+    train.add_argument(
+        "--lr-mode",
+        choices=LR_MODES,
+        default=_DEFAULTS.lr_mode,
+        help="rgn: scale each tensor's learning rate by its relative gradient norm (default: %(default)s)",
+    )
+    train.add_argument(
+        "--weight-decay", type=float, default=_DEFAULTS.weight_decay, help="AdamW weight decay (default: %(default)s)"
+    )
+    train.add_argument(
+        "--batch-size", type=int, default=_DEFAULTS.batch_size, help="per-device batch size (default: %(default)s)"
+    )
+    train.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=_DEFAULTS.gradient_accumulation_steps,
+        help="batches per optimizer step (default: %(default)s)",
+    )
+    train.add_argument(
+        "--mixed-precision", choices=("no", "fp16", "bf16"), help="default: as configured for accelerate launch"
+    )
+    train.add_argument("--delta-dtype", choices=DELTA_DTYPES, help="dtype of the saved deltas (default: the weights')")
+    train.add_argument(
+        "--cache-features",
+        action="store_true",
+        help="compute the frozen blocks in front of the tuned ones once per image and reuse them every epoch "
+        "(the input pipeline here is deterministic)",
+    )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--output-dir",
+        help="checkpoints, adapter/ and metrics.json; a rerun resumes from the last checkpoint "
+        "(default: outputs/<model>-<dataset>-<shift>-<blocks>-seed<seed>)",
+    )
+    output.add_argument("--push-to-hub", action="store_true", help="upload the adapter with its model card")
+    output.add_argument("--hub-model-id", help="Hub repository to push to (default: the output directory's name)")
+    output.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the training options (model, data, shift, blocks, optimisation, output) to `parser` and return it.
+
+    Example:
+        >>> import argparse
+        >>> args = add_training_arguments(argparse.ArgumentParser()).parse_args(["--shift", "fog", "--severity", "3"])
+        >>> args.shift, args.severity, args.dataset
+        ('fog', 3, 'digits')
+    """
+    _add_data_arguments(parser)
+    _add_fine_tuning_arguments(parser)
+    _add_output_arguments(parser)
+    return parser
+
+
+def training_option_names() -> set[str]:
+    """The names (`argparse` dests) of the options `add_training_arguments` adds: what a run's settings are made of,
+    whatever else the caller's parser holds (e.g. the command line's subcommand)."""
+    parser = add_training_arguments(argparse.ArgumentParser(add_help=False))
+    return {action.dest for action in parser._actions}
+
+
+def fine_tune_arguments(args: argparse.Namespace) -> FineTuneArguments:
+    """The `FineTuneArguments` that parsed options describe; `--block all` means full fine-tuning.
+
+    Raises:
+        InputError: for an invalid combination (e.g. `all` with other blocks) or value (e.g. `--epochs 0`).
+
+    Example:
+        >>> import argparse
+        >>> args = add_training_arguments(argparse.ArgumentParser()).parse_args(["--block", "all"])
+        >>> fine_tune_arguments(args).strategy
+        'full'
+    """
+    return FineTuneArguments(
+        strategy=args.strategy,
+        blocks=args.blocks or list(_DEFAULTS.blocks),
+        epochs=args.epochs,
+        lp_epochs=args.lp_epochs,
+        learning_rate=args.lr,
+        lr_mode=args.lr_mode,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        delta_dtype=args.delta_dtype,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        progress=args.progress,
+        cache_features=args.cache_features,
+    )
+
+
+def _check_blocks(model: Any, blocks: list[str]) -> None:
+    list_blocks(model).target_modules([block for block in blocks if block not in SPECIAL])
+
+
+def _run_name(args: argparse.Namespace, blocks: list[str]) -> str:
+    model = Path(args.model).name if args.model else SOURCE_MODEL
+    return f"{model}-{Path(args.dataset).name}-{args.shift}-{'+'.join(blocks)}-seed{args.seed}"
+
+
+def _check_resumable(output_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings; an `InputError` if `output_dir` holds checkpoints of a run with other settings."""
+    names = training_option_names() - set(_RESUMABLE)
+    settings = {key: value for key, value in sorted(vars(args).items()) if key in names}
+    recorded = output_dir / _RUN_FILE
+    if recorded.is_file() and (output_dir / "checkpoints").is_dir():
+        previous = json.loads(recorded.read_text())
+        changed = sorted(key for key in settings.keys() | previous.keys() if settings.get(key) != previous.get(key))
+        if changed:
+            raise InputError(
+                f"{output_dir} holds checkpoints of a run with other settings ({', '.join(changed)} differ), which "
+                "cannot be resumed. Pass another --output-dir, or delete that one to start over."
+            )
+    return settings
+
+
+@dataclass
+class _Run:
+    """Everything `run_training` needs once the input is checked."""
+
+    loaded: LoadedModel
+    train: Any
+    eval: Any
+    args: FineTuneArguments
+    output_dir: Path
+    settings: dict[str, Any]
+
+
+def _process_state() -> PartialState:
+    """Accelerate's process state, set up before `fine_tune`'s `Accelerator` so that checks and pretraining can run
+    on the main process first.
+
+    Processes that `accelerate launch` or `torchrun` start on a machine without an accelerator form a CPU (gloo)
+    group here even without `ACCELERATE_USE_CPU=1`; otherwise each of them would train alone and write the same files.
+    """
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not has_accelerator)
+
+
+def _quiet(state: PartialState, progress: bool) -> None:
+    """Progress bars of `datasets` and `transformers` on the main process only (and not at all without progress)."""
+    if not (progress and state.is_main_process):
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _output_dir(args: argparse.Namespace, fine_tune_args: FineTuneArguments) -> Path:
+    output_dir = Path(args.output_dir or Path("outputs") / _run_name(args, fine_tune_args.blocks))
+    if args.push_to_hub:
+        try:
+            validate_repo_id(args.hub_model_id or output_dir.name)
+        except HFValidationError as error:
+            raise InputError(f"--hub-model-id: {error}") from error
+    return output_dir
+
+
+def _load_checked_model(
+    args: argparse.Namespace, label_names: list[str], blocks: list[str], state: Any
+) -> LoadedModel:
+    """The model, its blocks checked first (for the built-in model, before pretraining it)."""
+    if args.model is None:
+        _check_blocks(load_model(SOURCE_MODEL, pretrained=False).model, blocks)
+    loaded = load_model(
+        args.model or SOURCE_MODEL,
+        label_names=label_names,
+        shift=args.shift,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        state=state,
+    )
+    _check_blocks(loaded.model, blocks)
+    return loaded
+
+
+def _prepare(args: argparse.Namespace, state: PartialState) -> _Run:
+    _quiet(state, args.progress)
+    fine_tune_args = fine_tune_arguments(args)
+    output_dir = _output_dir(args, fine_tune_args)
+    settings = _check_resumable(output_dir, args)
+    dataset = load_image_dataset(
+        args.dataset, split=args.split, image_column=args.image_column, label_column=args.label_column
+    )
+    splits = make_target(
+        dataset, args.shift, train_n=args.train_n, eval_n=args.eval_n, severity=args.severity, seed=args.seed
+    )
+    label_names = dataset.features["label"].names
+    loaded = _load_checked_model(args, label_names, fine_tune_args.blocks, state)
+    if loaded.modules_to_save and fine_tune_args.adapter_blocks() == [HEAD]:
+        raise InputError(
+            f"The model's head was re-initialised for the dataset's {len(label_names)} labels, so it is saved in full "
+            "(modules_to_save), and an adapter of the head alone is not supported yet. Tune another block as well "
+            "(e.g. --strategy lp-ft --block stage4)."
+        )
+    return _Run(
+        loaded=loaded,
+        train=loaded.preprocess(splits["train"]),
+        eval=loaded.preprocess(splits["eval"]),
+        args=replace(fine_tune_args, modules_to_save=loaded.modules_to_save, output_dir=str(output_dir)),
+        output_dir=output_dir,
+        settings=settings,
+    )
+
+
+def run_training(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the input, fine-tune, save (main process) and optionally push; returns the run's summary.
+
+    Args:
+        args: options parsed by a parser that `add_training_arguments` set up.
+
+    Returns:
+        A dict with the settings, `metrics` (final `train_loss`, `eval_accuracy`), the per-epoch `history`,
+        `num_processes`, `adapter_sha256` (a hash of the saved deltas, equal on every process) and `adapter_dir`,
+        plus `commit_url` after a push. The same (without `commit_url`) is written to `<output_dir>/metrics.json`.
+
+    Raises:
+        InputError: for bad input, before any training.
+
+    Example (a minute or two on a CPU, including pretraining the default model once)::
+
+        parser = add_training_arguments(argparse.ArgumentParser())
+        summary = run_training(parser.parse_args(["--block", "stage1", "--epochs", "5"]))
+        print(summary["metrics"]["eval_accuracy"])
+    """
+    state = _process_state()
+    run = _prepare(args, state)
+    if state.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        (run.output_dir / _RUN_FILE).write_text(json.dumps(run.settings, indent=1))
+    result = fine_tune(run.loaded.model, run.train, run.eval, run.args)
+
+    deltas = get_peft_model_state_dict(result.model, save_embedding_layers=False)
+    digest = hashlib.sha256(safetensors.torch.save(dict(sorted(deltas.items())))).hexdigest()
+    if state.num_processes > 1:
+        print(f"[process {state.process_index}/{state.num_processes}] adapter sha256 {digest}", flush=True)
+    adapter_dir = run.output_dir / "adapter"
+    summary = {
+        **run.settings,
+        "model": run.loaded.name_or_path,
+        "blocks": result.model.peft_config[result.model.active_adapter].blocks,
+        "strategy": run.args.strategy,
+        "metrics": result.metrics,
+        "history": result.history,
+        "num_processes": state.num_processes,
+        "adapter_sha256": digest,
+        "adapter_dir": str(adapter_dir),
+    }
+    if state.is_main_process:
+        repo_id = args.hub_model_id or run.output_dir.name
+        recipe = {"strategy": summary["strategy"], "blocks": ", ".join(summary["blocks"])}
+        recipe.update({key: getattr(args, key) for key in ("lr", "epochs", "train_n", "batch_size", "seed")})
+        recipe.update(shift=args.shift, severity=args.severity if args.shift in CORRUPTIONS else "-")
+        card = render_model_card(
+            result.model,
+            shift=args.shift,
+            dataset=args.dataset,
+            recipe=recipe,
+            metrics=result.metrics,
+            repo_id=repo_id if args.push_to_hub else None,
+        )
+        save_adapter_with_card(result.model, adapter_dir, card)
+        (run.output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+        if args.push_to_hub:
+            summary["commit_url"] = push_adapter(result.model, repo_id, card=card)
+    state.wait_for_everyone()
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print a run's final metrics and where its adapter is (on the main process only)."""
+    if PartialState().is_main_process:
+        metrics = ", ".join(f"{name} {value:.4f}" for name, value in summary["metrics"].items())
+        print(f"{summary['strategy']} {'+'.join(summary['blocks'])}: {metrics}. Adapter: {summary['adapter_dir']}")

@@ -1,0 +1,75 @@
+"""What every block-ranking criterion gets and gives: the candidate blocks, the options, a `BlockRanking`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..blocks import BlockMap, unwrap_model
+from ..gradients import labelled_batches
+from ..ranking import BlockRanking
+
+if TYPE_CHECKING:
+    from ..training import FineTuneArguments
+
+__all__ = ["Candidates", "Criterion", "RankOptions", "TensorCriterion"]
+
+
+@dataclass
+class Candidates:
+    """The blocks to rank: the block map, each candidate's parameter names (forward order), name -> parameter."""
+
+    block_map: BlockMap
+    tensors: dict[str, list[str]]
+    parameters: dict[str, nn.Parameter]
+
+
+@dataclass
+class RankOptions:
+    """How to rank (see `surgical_peft.rank_blocks`)."""
+
+    num_batches: int = 4
+    sweep_args: FineTuneArguments | None = None
+    holdout_fraction: float = 0.25
+    seed: int = 0
+    progress: bool = True
+
+
+class Criterion(Protocol):
+    """A block-ranking criterion."""
+
+    description: str  # "<short name>: what the score is", shown above a ranking
+
+    def rank(
+        self, model: nn.Module, dataloader: Any, candidates: Candidates, options: RankOptions
+    ) -> BlockRanking: ...
+
+
+class TensorCriterion:
+    """A criterion that scores every tensor and gives each block the mean over its tensors."""
+
+    name: str
+    description: str
+
+    def tensor_scores(
+        self, model: nn.Module, names: list[str], parameters: list[nn.Parameter], batches: Any
+    ) -> tuple[torch.Tensor, int]:
+        """One score per tensor of `parameters`, and the number of examples seen."""
+        raise NotImplementedError
+
+    def rank(self, model: nn.Module, dataloader: Any, candidates: Candidates, options: RankOptions) -> BlockRanking:
+        names = [name for found in candidates.tensors.values() for name in found]
+        chosen = [candidates.parameters[name] for name in names]
+        batches = labelled_batches(dataloader, options.num_batches, chosen[0].device)
+        if options.progress:
+            batches = tqdm(batches, desc=f"{self.name} ranking", total=options.num_batches, leave=False)
+        values, num_examples = self.tensor_scores(unwrap_model(model), names, chosen, batches)
+        tensor_scores = dict(zip(names, values.tolist(), strict=True))
+        scores = {
+            block: sum(tensor_scores[n] for n in found) / len(found) for block, found in candidates.tensors.items()
+        }
+        return BlockRanking(self.name, scores, {}, tensor_scores=tensor_scores, num_examples=num_examples)

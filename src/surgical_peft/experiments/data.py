@@ -1,0 +1,323 @@
+"""Image classification data: loading (Hub, local `imagefolder`, built-in digits), target splits and preprocessing.
+
+Everything here returns `datasets` objects. `load_image_dataset` normalises any source to two columns, `image`
+(`datasets.Image`) and `label` (`datasets.ClassLabel`), which is what `surgical_peft.experiments.shifts` expects by
+default; `preprocess` turns such a dataset into the `{"pixel_values", "labels"}` examples `surgical_peft.training`
+trains on.
+
+Example:
+    >>> from surgical_peft.experiments.data import load_image_dataset, preprocess, split_target
+    >>> digits = load_image_dataset("digits")
+    >>> digits.column_names, digits.num_rows
+    (['image', 'label'], 1797)
+    >>> splits = split_target(digits, train_n=100, eval_n=50, seed=0)
+    >>> example = preprocess(splits["train"], image_size=32)[0]
+    >>> tuple(example["pixel_values"].shape), type(example["labels"]).__name__
+    ((3, 32, 32), 'int')
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..errors import InputError
+from . import shifts
+
+__all__ = [
+    "DIGITS",
+    "SHIFTS",
+    "image_transform",
+    "load_digits",
+    "load_image_dataset",
+    "load_image_processor",
+    "make_target",
+    "preprocess",
+    "split_source_target",
+    "split_target",
+]
+
+DIGITS = "digits"
+"""Name of the built-in offline source: scikit-learn's 1,797 handwritten 8x8 digits, upsampled."""
+
+SHIFTS: tuple[str, ...] = (*shifts.CORRUPTIONS, "label-permutation", "spurious", "subpopulation", "none")
+"""Target shifts `make_target` builds: input-level corruptions, output-level label permutation or spurious marker,
+feature-level subpopulations, or none."""
+
+_DIGITS_SIZE = 32
+
+
+def load_digits(image_size: int = _DIGITS_SIZE) -> datasets.Dataset:
+    """scikit-learn's handwritten digits (1,797 images, 10 classes) as RGB images of `image_size` pixels.
+
+    The 8x8 images (ink from 0 to 16) are scaled to 0-255 and upsampled bilinearly. Needs scikit-learn, an optional
+    extra: `pip install 'surgical-peft[demo]'`.
+
+    Example:
+        >>> digits = load_digits()
+        >>> digits[0]["image"].size, digits[0]["image"].mode, digits.features["label"].names[:3]
+        ((32, 32), 'RGB', ['0', '1', '2'])
+    """
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as error:
+        raise ImportError("The built-in digits need scikit-learn: pip install 'surgical-peft[demo]'") from error
+    bunch = sklearn_digits()
+    images = [
+        Image.fromarray(np.uint8(np.rint(image * 255 / 16)))
+        .resize((image_size, image_size), Image.Resampling.BILINEAR)
+        .convert("RGB")
+        for image in bunch.images
+    ]
+    features = datasets.Features(
+        image=datasets.Image(), label=datasets.ClassLabel(names=[str(name) for name in bunch.target_names])
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": bunch.target.tolist()}, features=features)
+
+
+def _describe_columns(dataset: datasets.Dataset) -> str:
+    return ", ".join(f"{name} ({type(feature).__name__})" for name, feature in dataset.features.items())
+
+
+def _find_column(dataset: datasets.Dataset, column: str | None, kind: type, role: str, argument: str) -> str:
+    """`column` if the dataset has it, else the first column whose feature is a `kind`; a `ValueError` otherwise."""
+    if column is not None:
+        if column not in dataset.column_names:
+            raise InputError(
+                f"The dataset has no {role} column {column!r}; its columns are: {_describe_columns(dataset)}."
+            )
+        return column
+    found = [name for name, feature in dataset.features.items() if isinstance(feature, kind)]
+    if not found:
+        raise InputError(
+            f"The dataset has no {role} column (a column with the datasets.{kind.__name__} feature); its columns "
+            f"are: {_describe_columns(dataset)}. Name the column with {argument}=..."
+        )
+    return found[0]
+
+
+def load_image_dataset(
+    source: str, *, split: str = "train", image_column: str | None = None, label_column: str | None = None
+) -> datasets.Dataset:
+    """Load an image classification dataset as two columns, `image` (`datasets.Image`) and `label` (`ClassLabel`).
+
+    Args:
+        source: `"digits"` (built in, offline, see `load_digits`), a Hub dataset id (offline, from the local cache
+            with `HF_DATASETS_OFFLINE=1`), or a local directory (`imagefolder` layout: one folder per class, or
+            anything else `datasets.load_dataset` reads from a directory).
+        split: the split to load (`"digits"` has only `"train"`).
+        image_column: the image column; default: the first column with the `datasets.Image` feature.
+        label_column: the label column; default: the first `ClassLabel` column. A column of integers or strings
+            is encoded as a `ClassLabel`.
+
+    Raises:
+        ValueError: if the dataset cannot be found, or has no image or label column (the message lists its columns).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from PIL import Image
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for name in ("cat", "dog"):
+        ...     (root / name).mkdir()
+        ...     for i in range(2):
+        ...         Image.new("RGB", (8, 8), (i * 100, 0, 0)).save(root / name / f"{i}.png")
+        >>> folder = load_image_dataset(str(root))
+        >>> folder.features["label"].names, folder.num_rows
+        (['cat', 'dog'], 4)
+    """
+    if source == DIGITS:
+        if split != "train":
+            raise InputError(f"The built-in {DIGITS!r} dataset has only a 'train' split, not {split!r}.")
+        return load_digits()
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ConnectionError) as error:  # not on the Hub, not in the offline cache, no directory
+        where = "local directory" if os.path.isdir(source) else "Hub dataset (or one in the local cache)"
+        raise InputError(
+            f"Cannot load dataset {source!r} as a {where}: {error}. Valid sources: a Hub dataset id (cached when "
+            f"offline), an imagefolder directory, or {DIGITS!r}."
+        ) from error
+    image = _find_column(dataset, image_column, datasets.Image, "image", "image_column")
+    label = _find_column(dataset, label_column, datasets.ClassLabel, "label", "label_column")
+    dataset = dataset.select_columns([image, label])
+    if not isinstance(dataset.features[image], datasets.Image):
+        raise InputError(f"Column {image!r} must hold images (datasets.Image), got {dataset.features[image]}.")
+    if not isinstance(dataset.features[label], datasets.ClassLabel):
+        dataset = dataset.class_encode_column(label)
+    return dataset.rename_columns({old: new for old, new in ((image, "image"), (label, "label")) if old != new})
+
+
+def split_target(
+    dataset: datasets.Dataset, train_n: int, eval_n: int | None = None, seed: int = 0
+) -> datasets.DatasetDict:
+    """Split a target dataset into a small labelled `train` set of `train_n` examples and an `eval` set.
+
+    The split is deterministic for a seed and stratified by `label` when both parts can hold every class.
+
+    Args:
+        dataset: a dataset with a `ClassLabel` column `label` (as `load_image_dataset` returns).
+        train_n: size of the labelled target training set.
+        eval_n: size of the evaluation set; default: every other example.
+        seed: seed of the split.
+
+    Raises:
+        ValueError: if `train_n + eval_n` exceeds the dataset, or either is below 1.
+
+    Example:
+        >>> from surgical_peft.experiments.data import load_digits
+        >>> splits = split_target(load_digits(), train_n=200, seed=0)
+        >>> splits["train"].num_rows, splits["eval"].num_rows
+        (200, 1597)
+    """
+    if train_n < 1 or (eval_n is not None and eval_n < 1):
+        raise InputError(f"train_n and eval_n must be at least 1, got train_n={train_n}, eval_n={eval_n}.")
+    eval_n = dataset.num_rows - train_n if eval_n is None else eval_n
+    if train_n + max(eval_n, 1) > dataset.num_rows:
+        raise InputError(
+            f"train_n={train_n} (plus eval_n={max(eval_n, 1)} for evaluation) is larger than the target data: it has "
+            f"{dataset.num_rows} examples, so train_n can be at most {dataset.num_rows - max(eval_n, 1)}."
+        )
+    num_classes = dataset.features["label"].num_classes
+    stratify = "label" if min(train_n, eval_n) >= num_classes else None
+    splits = dataset.train_test_split(train_size=train_n, test_size=eval_n, seed=seed, stratify_by_column=stratify)
+    return datasets.DatasetDict(train=splits["train"], eval=splits["test"])
+
+
+def split_source_target(dataset: datasets.Dataset, shift: str = "none", *, seed: int = 0) -> datasets.DatasetDict:
+    """Disjoint `source` and `target` halves of `dataset` for a shift (one of `SHIFTS`).
+
+    `spurious` and `subpopulation` define both halves (`shifts.spurious_shift`, `shifts.subpopulation_shift`); every
+    other shift splits the dataset into two stratified halves and leaves both clean: `make_target` corrupts or
+    relabels the target later, after it has been cut down to the examples it needs.
+
+    Example:
+        >>> from surgical_peft.experiments.data import load_digits
+        >>> halves = split_source_target(load_digits(), "contrast", seed=0)
+        >>> halves["source"].num_rows, halves["target"].num_rows
+        (898, 899)
+    """
+    if shift not in SHIFTS:
+        raise InputError(f"Unknown shift {shift!r}; valid choices: {', '.join(SHIFTS)}.")
+    if shift == "spurious":
+        return shifts.spurious_shift(dataset, seed=seed)
+    if shift == "subpopulation":
+        return shifts.subpopulation_shift(dataset, seed=seed)
+    halves = dataset.train_test_split(test_size=0.5, seed=seed, stratify_by_column="label")
+    return datasets.DatasetDict(source=halves["train"], target=halves["test"])
+
+
+def make_target(
+    dataset: datasets.Dataset,
+    shift: str,
+    *,
+    train_n: int,
+    eval_n: int | None = None,
+    severity: int = 5,
+    seed: int = 0,
+) -> datasets.DatasetDict:
+    """The experiment's splits: a `source` half, and the shifted target half cut into `train` and `eval`.
+
+    The source half is clean except under `spurious` (markers correlated with the label) and `subpopulation` (its
+    own subpopulations), see `split_source_target`.
+
+    Args:
+        dataset: columns `image` and `label`, as `load_image_dataset` returns.
+        shift: one of `SHIFTS`: a corruption name from `shifts.CORRUPTIONS` (applied at `severity`),
+            `"label-permutation"`, `"spurious"`, `"subpopulation"` or `"none"`.
+        train_n: size of the small labelled target training set.
+        eval_n: size of the target evaluation set; default: the rest of the target half.
+        severity: corruption severity, 1 to 5.
+        seed: seeds the halves, the target split and the shift.
+
+    Raises:
+        ValueError: for an unknown shift, a severity outside 1-5, or `train_n` larger than the target data.
+
+    Example:
+        >>> from surgical_peft.experiments.data import load_digits
+        >>> splits = make_target(load_digits(), "label-permutation", train_n=100, seed=0)
+        >>> {name: split.num_rows for name, split in splits.items()}
+        {'source': 898, 'train': 100, 'eval': 799}
+    """
+    halves = split_source_target(dataset, shift, seed=seed)
+    target = split_target(halves["target"], train_n, eval_n, seed=seed)
+
+    def shifted(split: datasets.Dataset, index: int) -> datasets.Dataset:
+        if shift in shifts.CORRUPTIONS:
+            return shifts.corrupt(split, shift, severity, seed=seed + index)
+        if shift == "label-permutation":
+            return shifts.permute_labels(split, seed=seed)
+        return split  # spurious and subpopulation targets are shifted already; "none" is not
+
+    return datasets.DatasetDict(
+        source=halves["source"], train=shifted(target["train"], 0), eval=shifted(target["eval"], 1)
+    )
+
+
+def load_image_processor(model_name_or_path: str) -> Any | None:
+    """The model's own image processor (`AutoImageProcessor`), or `None` when it ships without one.
+
+    Example:
+        >>> import tempfile
+        >>> load_image_processor(tempfile.mkdtemp()) is None
+        True
+    """
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model_name_or_path)
+    except OSError:  # no preprocessor_config.json in the directory or repository
+        return None
+
+
+def image_transform(
+    image_processor: Any | None = None, *, image_size: int = 224
+) -> Callable[[dict[str, list[Any]]], dict[str, Any]]:
+    """A batch transform from `{"image", "label"}` to `{"pixel_values", "labels"}` for `Dataset.with_transform`.
+
+    With an `image_processor`, images go through it; otherwise they are resized to `image_size` square (bilinear),
+    scaled to [0, 1] and normalised with the ImageNet mean and standard deviation, as transformers' processors do.
+
+    Example:
+        >>> from PIL import Image
+        >>> batch = image_transform(image_size=16)({"image": [Image.new("L", (8, 8))], "label": [3]})
+        >>> tuple(batch["pixel_values"].shape), batch["labels"]
+        ((1, 3, 16, 16), [3])
+    """
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+
+    def to_tensor(image: Image.Image) -> torch.Tensor:
+        resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (pixels - mean) / std
+
+    def transform(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        images = [image.convert("RGB") for image in batch["image"]]
+        if image_processor is not None:
+            pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        else:
+            pixel_values = torch.stack([to_tensor(image) for image in images])
+        return {"pixel_values": pixel_values, "labels": list(batch["label"])}
+
+    return transform
+
+
+def preprocess(
+    dataset: datasets.Dataset, image_processor: Any | None = None, *, image_size: int = 224
+) -> datasets.Dataset:
+    """`dataset` (columns `image`, `label`) yielding `{"pixel_values": tensor, "labels": int}`, transformed lazily.
+
+    Example:
+        >>> from surgical_peft.experiments.data import load_digits
+        >>> sorted(preprocess(load_digits(), image_size=32)[0])
+        ['labels', 'pixel_values']
+    """
+    return dataset.with_transform(image_transform(image_processor, image_size=image_size))

@@ -1,0 +1,191 @@
+"""Sharing adapters on the Hugging Face Hub: a model card from the package's template, and an atomic push.
+
+The card template is `model_card_template.md` beside this file (see `model_cards/README.md`); it is a Jinja template
+rendered by `huggingface_hub.ModelCard.from_template`, with YAML front matter holding `base_model`,
+`library_name: peft`, `tags` (`surgical-fine-tuning`, `block:<name>` for each tuned block, `shift:<name>`) and
+`datasets`, then the training recipe and a metrics table.
+
+`push_adapter` is the way to upload an adapter with this card. PEFT's own `model.push_to_hub(repo_id)` (transformers'
+`PushToHubMixin`) replaces the README.md that `save_pretrained` writes with the card already in the Hub repository,
+or with transformers' generic card when the repository has none: after one `push_adapter`, later
+`model.push_to_hub` calls keep this card; a first `model.push_to_hub` to a new repository does not upload it.
+
+Example:
+    >>> import torch
+    >>> from peft import get_peft_model
+    >>> from surgical_peft import SurgicalConfig
+    >>> from surgical_peft.hub import render_model_card
+    >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), SurgicalConfig(target_modules=["0"]))
+    >>> card = render_model_card(model, shift="gaussian_noise", recipe={"strategy": "surgical"})
+    >>> print(card.splitlines()[1])
+    library_name: peft
+    >>> "shift:gaussian_noise" in card
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..experiments.data import DIGITS
+from ..tuner import save_adapter
+
+__all__ = ["TEMPLATE_PATH", "push_adapter", "render_model_card", "save_adapter_with_card"]
+
+TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
+"""The model card template (Jinja, as `huggingface_hub.ModelCard.from_template` renders it)."""
+
+_TAG = "surgical-fine-tuning"
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and name != DIGITS and not os.path.exists(name)
+
+
+def _describe_dataset(dataset: str | None) -> str | None:
+    if dataset is None:
+        return None
+    if dataset == DIGITS:
+        return "scikit-learn's handwritten digits (8x8, upsampled to 32x32)"
+    if _is_hub_id(dataset):
+        return f"[`{dataset}`](https://huggingface.co/datasets/{dataset})"
+    return f"a local dataset (`{Path(dataset).name}`)"
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _format_bytes(count: int) -> str:
+    return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
+
+
+def render_model_card(
+    model: Any,
+    *,
+    shift: str | None = None,
+    dataset: str | None = None,
+    recipe: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """The model card (README.md) of a surgical adapter, rendered from `TEMPLATE_PATH`.
+
+    Args:
+        model: a `PeftModel` with a surgical adapter (its active adapter is described).
+        shift: the distribution shift of the target data, e.g. `"gaussian_noise"` (becomes a `shift:<name>` tag).
+        dataset: the target dataset: a Hub id (listed under `datasets`), `"digits"` or a local path.
+        recipe: training settings shown in the recipe table (strategy, learning rate, epochs, train-n, seed, ...).
+        metrics: results shown in the metrics table (floats are shown with 4 significant digits).
+        repo_id: the Hub repository the card is for (its title and the loading snippet).
+
+    Example:
+        >>> import torch
+        >>> from peft import get_peft_model
+        >>> from surgical_peft import SurgicalConfig
+        >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), SurgicalConfig(target_modules=["0"]))
+        >>> "| eval_accuracy | 0.912 |" in render_model_card(model, metrics={"eval_accuracy": 0.912})
+        True
+    """
+    import peft
+    import torch
+    import transformers
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.peft_config[model.active_adapter]
+    blocks = config.blocks or list(config.target_modules or [])
+    base = config.base_model_name_or_path
+    hub_base = base if _is_hub_id(base) else None
+    tags = [_TAG, *(f"block:{block}" for block in blocks), *([f"shift:{shift}"] if shift else [])]
+    if hub_base:
+        tags.append(f"base_model:adapter:{hub_base}")
+    card_data = ModelCardData(
+        base_model=hub_base,
+        library_name="peft",
+        pipeline_tag="image-classification",
+        tags=tags,
+        datasets=[dataset] if _is_hub_id(dataset) else None,
+    )
+    deltas = peft.get_peft_model_state_dict(model, save_embedding_layers=False)  # "auto" looks the base up online
+    sizes = [tensor.numel() * tensor.element_size() for tensor in deltas.values()]
+    versions = {
+        "surgical-peft": __version__,
+        "PEFT": peft.__version__,
+        "Transformers": transformers.__version__,
+        "PyTorch": torch.__version__,
+    }
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_id=repo_id,
+        blocks=blocks,
+        base_model=hub_base,
+        base_model_path=base or "path/to/base-model",
+        adapter_size=f"{len(sizes)} tensors, {_format_bytes(sum(sizes))}",
+        shift=shift,
+        dataset_description=_describe_dataset(dataset),
+        recipe={name: _format(value) for name, value in (recipe or {}).items()},
+        metrics={name: _format(value) for name, value in (metrics or {}).items()},
+        versions=versions,
+    )
+    return str(card)
+
+
+def save_adapter_with_card(model: Any, directory: str | os.PathLike[str], card: str) -> Path:
+    """Save the adapter and its model card (`README.md`) atomically (see `surgical_peft.save_adapter`).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from peft import get_peft_model
+        >>> from surgical_peft import SurgicalConfig
+        >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), SurgicalConfig(target_modules=["0"]))
+        >>> path = save_adapter_with_card(model, tempfile.mkdtemp() + "/adapter", "---\\nlibrary_name: peft\\n---\\n")
+        >>> (path / "README.md").read_text().splitlines()[1]
+        'library_name: peft'
+    """
+    return save_adapter(model, directory, write_extra=lambda staging: (staging / "README.md").write_text(card))
+
+
+def push_adapter(
+    model: Any,
+    repo_id: str,
+    *,
+    card: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload surgical fine-tuning adapter",
+) -> str:
+    """Upload the adapter of `model` with its model card to the Hub repository `repo_id` (created if needed).
+
+    The adapter is saved with the card (default: `render_model_card(model, repo_id=repo_id)`) into a temporary
+    directory, then uploaded in one commit with `huggingface_hub.HfApi.upload_folder`.
+
+    Args:
+        model: a `PeftModel` with a surgical adapter.
+        repo_id: `"user/name"`, or `"name"` in the token owner's namespace.
+        card: the README.md to upload, e.g. from `render_model_card` with the recipe and metrics.
+        private: create the repository as private (ignored if it exists).
+        token: a Hub token (default: the logged-in one, or `HF_TOKEN`).
+        commit_message: the commit's message.
+
+    Returns:
+        The URL of the commit.
+
+    Example (needs a Hub token and network)::
+
+        push_adapter(model, "me/resnet-stage1-noise", card=render_model_card(model, metrics={"accuracy": 0.9}))
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    card = card if card is not None else render_model_card(model, repo_id=repo_id)
+    with tempfile.TemporaryDirectory() as staging:
+        folder = save_adapter_with_card(model, Path(staging) / "adapter", card)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    return commit.commit_url

@@ -1,0 +1,116 @@
+"""`FineTuneArguments`: how to fine-tune (every field has a command-line twin), and `FineTuneResult`.
+
+Example:
+    >>> from surgical_peft.training import FineTuneArguments
+    >>> [(phase.name, phase.blocks) for phase in FineTuneArguments(strategy="lp-ft", blocks=["stage1"]).phases()]
+    [('linear-probe', ['head']), ('fine-tune', ['stage1', 'head'])]
+    >>> FineTuneArguments(blocks=["all"]).strategy  # every block: full fine-tuning
+    'full'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..blocks import ALL, AUTO, HEAD
+from ..errors import InputError
+from .strategies import STRATEGIES
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from .strategies._base import Phase
+
+__all__ = ["LR_MODES", "FineTuneArguments", "FineTuneResult"]
+
+LR_MODES = ("constant", "rgn")
+"""`constant`, or `rgn`: each tensor's learning rate scaled by its relative gradient norm, every epoch (Auto-RGN)."""
+
+
+@dataclass
+class FineTuneArguments:
+    """How to fine-tune. Every field has a command-line twin in `examples/train.py`.
+
+    Args:
+        strategy: one of `STRATEGIES.names` (`surgical_peft.training.strategies`).
+        blocks: the blocks to tune for `surgical` and `lp-ft` (see `surgical_peft.list_blocks`); `["auto"]` picks
+            the best block by Auto-RGN on the training data (`surgical_peft.select_blocks`); `["all"]` is full
+            fine-tuning (`strategy="full"`).
+        epochs: passes over the training set (for `lp-ft`, the fine-tuning phase).
+        lp_epochs: epochs of the linear-probe phase of `lp-ft` (default: `epochs`).
+        learning_rate: AdamW learning rate (for `lp-ft`, the fine-tuning phase; the probe uses 10x).
+        lr_mode: `constant`, or `rgn` to scale each tensor's learning rate by its relative gradient norm
+            (Auto-RGN, Lee et al. 2023), recomputed at the start of every epoch.
+        weight_decay: AdamW weight decay.
+        batch_size: per-device batch size.
+        gradient_accumulation_steps: optimizer step every this many batches.
+        modules_to_save: modules trained and saved in full (a newly initialised head).
+        delta_dtype: dtype of the saved deltas (`None`, "bfloat16", "float16").
+        mixed_precision: "no", "fp16" or "bf16" for Accelerate; `None` takes it from `accelerate launch`/config.
+        seed: seeds data order and initialisation on every process.
+        output_dir: where checkpoints (one per epoch, the latest kept) go; a rerun resumes from the latest.
+        progress: show progress bars (main process only).
+        cache_features: compute the frozen prefix in front of the first trained block once per example and reuse it
+            in later epochs (`surgical_peft.features.FeatureCache`); only for deterministic input pipelines (no random
+            augmentation), and ignored, with a warning, in a phase that trains the first block.
+        cache_max_bytes: bound on the cached features' bytes (examples beyond it are computed every epoch).
+    """
+
+    strategy: str = "surgical"
+    blocks: list[str] = field(default_factory=lambda: [HEAD])
+    epochs: int = 10
+    lp_epochs: int | None = None
+    learning_rate: float = 1e-3
+    lr_mode: str = "constant"
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    modules_to_save: list[str] | None = None
+    delta_dtype: str | None = None
+    mixed_precision: str | None = None
+    seed: int = 0
+    output_dir: str | None = None
+    progress: bool = True
+    cache_features: bool = False
+    cache_max_bytes: int = 4 * 2**30
+
+    def __post_init__(self) -> None:
+        STRATEGIES.check(self.strategy)
+        if self.lr_mode not in LR_MODES:
+            raise InputError(f"Unknown lr_mode {self.lr_mode!r}. Valid: {', '.join(LR_MODES)}.")
+        meaning = {ALL: "means full fine-tuning", AUTO: "picks the block from the training data"}
+        for special, what in meaning.items():
+            if special in self.blocks and len(self.blocks) > 1:
+                raise InputError(
+                    f"blocks=[{special!r}] {what}; it cannot be combined with other blocks: {self.blocks}"
+                )
+        if self.blocks == [ALL]:
+            if self.strategy not in ("surgical", "full"):
+                raise InputError(f"blocks=['all'] {meaning[ALL]}; it cannot go with strategy={self.strategy!r}.")
+            self.strategy = "full"
+        if not self.blocks and STRATEGIES.get(self.strategy).uses_blocks:
+            raise InputError(f"strategy={self.strategy!r} needs at least one block to tune.")
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}.")
+
+    def phases(self) -> list[Phase]:
+        """The phases of the strategy, in order."""
+        return STRATEGIES.get(self.strategy).phases(self)
+
+    def adapter_blocks(self) -> list[str]:
+        """The blocks the adapter holds: the union over phases."""
+        blocks: list[str] = []
+        for phase in self.phases():
+            blocks += [block for block in phase.blocks if block not in blocks]
+        return blocks
+
+
+@dataclass
+class FineTuneResult:
+    """What `fine_tune` returns: the tuned `PeftModel`, the final metrics and per-epoch history."""
+
+    model: PeftModel
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)

@@ -1,0 +1,205 @@
+"""`fine_tune`: the training loop, on Accelerate, one phase after another as the strategy says.
+
+Each phase (see `surgical_peft.training.strategies`) gets its own optimizer and DDP wrapper, runs its epochs
+(`epoch.train_epoch`), evaluates after each one and checkpoints it (`checkpoint`); a rerun with the same `output_dir`
+resumes from the latest checkpoint. Only the main process shows progress bars and writes files.
+
+Example:
+    >>> import torch
+    >>> from transformers import ResNetConfig, ResNetForImageClassification
+    >>> from surgical_peft.training import FineTuneArguments, fine_tune
+    >>> base = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+    ...                                                  num_labels=2))
+    >>> data = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 2} for i in range(8)]
+    >>> result = fine_tune(base, data, data, FineTuneArguments(blocks=["stage1"], epochs=1, batch_size=4,
+    ...                                                         progress=False))
+    >>> sorted(result.metrics)
+    ['eval_accuracy', 'train_loss']
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import PeftModel, get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..blocks import ALL, AUTO, BlockMap, list_blocks
+from ..features import FeatureCache, IndexedDataset
+from ..selection import select_blocks
+from ..tuner import SurgicalConfig
+from .accelerator import make_accelerator
+from .arguments import FineTuneArguments, FineTuneResult
+from .checkpoint import Progress, latest_checkpoint, save_checkpoint
+from .epoch import train_epoch
+from .evaluation import evaluate_accuracy
+from .optimizer import make_optimizer, scale_learning_rates_by_rgn
+from .strategies._base import Phase
+
+__all__ = ["fine_tune"]
+
+Examples = Dataset | Sequence[dict[str, Any]]
+
+
+@dataclass
+class _Run:
+    """What every phase of one `fine_tune` call shares."""
+
+    args: FineTuneArguments
+    accelerator: Accelerator
+    model: PeftModel
+    block_map: BlockMap
+    train_dataset: Examples
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    progress: Progress
+    resume_from: Path | None  # the checkpoint to load when its phase starts
+
+
+def _resolve_auto(
+    model: nn.Module, train_dataset: Examples, args: FineTuneArguments, accelerator: Accelerator
+) -> FineTuneArguments:
+    """`args` with `blocks=["auto"]` replaced by the block Auto-RGN ranks first on the training data (every process
+    ranks the same batches, so all agree)."""
+    loader = DataLoader(
+        train_dataset, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
+    progress = args.progress and accelerator.is_main_process
+    config = select_blocks(model, loader, SurgicalConfig(block=AUTO), progress=progress)
+    return replace(args, blocks=config.blocks)
+
+
+def _surgical_model(model: nn.Module, args: FineTuneArguments) -> PeftModel:
+    """`model` if it is a `PeftModel` already, else with an adapter holding every block the strategy trains."""
+    if isinstance(model, PeftModel):
+        return model
+    config = SurgicalConfig(
+        block=args.adapter_blocks(), modules_to_save=args.modules_to_save, delta_dtype=args.delta_dtype
+    )
+    return get_peft_model(model, config)
+
+
+def _start(
+    model: nn.Module,
+    train_dataset: Examples,
+    eval_dataset: Examples | None,
+    args: FineTuneArguments,
+    accelerator: Accelerator,
+) -> _Run:
+    peft_model = _surgical_model(model, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    indexed = IndexedDataset(train_dataset) if args.cache_features else train_dataset  # the cache keys by index
+    resume = latest_checkpoint(args.output_dir)
+    return _Run(
+        args=args,
+        accelerator=accelerator,
+        model=peft_model,
+        block_map=list_blocks(peft_model),
+        train_dataset=train_dataset,
+        train_loader=DataLoader(indexed, batch_size=args.batch_size, shuffle=True, generator=generator),
+        eval_loader=DataLoader(eval_dataset, batch_size=args.batch_size) if eval_dataset is not None else None,
+        progress=resume[1] if resume else Progress(),
+        resume_from=resume[0] if resume else None,
+    )
+
+
+def _feature_cache(run: _Run, model: nn.Module, phase: Phase) -> FeatureCache | None:
+    """The phase's feature cache when `args.cache_features` asks for one and a frozen prefix exists."""
+    if not run.args.cache_features:
+        return None
+    first = next(iter(run.block_map))
+    if phase.blocks == [ALL] or first in phase.blocks:
+        warnings.warn(
+            f"cache_features: the {phase.name} phase trains the first block ({first}), so no frozen prefix is left "
+            "to cache; training without the cache.",
+            stacklevel=4,
+        )
+        return None
+    return FeatureCache(model, deterministic=True, max_bytes=run.args.cache_max_bytes, data=run.train_dataset)
+
+
+def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
+    """Train `phase` from where the run stands; returns the eval accuracy after its last epoch run here, if any."""
+    args, accelerator = run.args, run.accelerator
+    run.model.base_model.set_requires_grad(run.model.active_adapter, True)
+    run.model.base_model.train_only(None if phase.blocks == [ALL] else run.block_map.target_modules(phase.blocks))
+    parameters = [p for p in run.model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(parameters, phase.learning_rate, args)
+    model, optimizer, loader = accelerator.prepare(run.model, optimizer, run.train_loader)
+    eval_loader = accelerator.prepare(run.eval_loader) if run.eval_loader is not None else None
+    if run.resume_from is not None and run.progress.phase == index:
+        accelerator.load_state(str(run.resume_from))  # model, optimizer and RNG states as they were
+        run.resume_from = None
+    run.progress.epochs_done += [0] * (index + 1 - len(run.progress.epochs_done))
+    cache = _feature_cache(run, model, phase)
+    accuracy = None
+    for epoch in range(run.progress.epochs_done[index], phase.epochs):
+        if args.lr_mode == "rgn":
+            scale_learning_rates_by_rgn(optimizer, model, parameters, loader, accelerator, phase.learning_rate)
+        description = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
+        loss = train_epoch(
+            model, loader, optimizer, accelerator, cache=cache, description=description, progress=args.progress
+        )
+        record: dict[str, Any] = {"phase": phase.name, "epoch": epoch + 1, "train_loss": loss}
+        if eval_loader is not None:
+            accuracy = record["eval_accuracy"] = evaluate_accuracy(model, eval_loader, accelerator)
+        run.progress.history.append(record)
+        run.progress.epochs_done[index] = epoch + 1
+        run.progress.phase = index
+        if args.output_dir is not None:
+            save_checkpoint(accelerator, run.progress)
+    wrapped = model is not run.model
+    run.model = accelerator.unwrap_model(model)
+    if wrapped:  # drop the DDP/FSDP wrapper before the next phase changes what is trainable
+        accelerator.free_memory()  # (it also runs gc.collect, seconds with transformers loaded: only when needed)
+    return accuracy
+
+
+def fine_tune(
+    model: nn.Module,
+    train_dataset: Examples,
+    eval_dataset: Examples | None = None,
+    args: FineTuneArguments | None = None,
+    *,
+    accelerator: Accelerator | None = None,
+) -> FineTuneResult:
+    """Fine-tune `model` (a transformers image classifier, or a `PeftModel` with a surgical adapter) on
+    `train_dataset`, a dataset of `{"pixel_values": tensor, "labels": int}` examples.
+
+    A plain model gets a surgical adapter holding every block the strategy trains (`args.adapter_blocks()`); a
+    `PeftModel` is trained as it is (its active adapter). Returns the `PeftModel` (unwrapped from DDP), the final
+    metrics (`train_loss`, `eval_accuracy` when `eval_dataset` is given) and per-epoch history. With
+    `args.output_dir`, every epoch is checkpointed there and a rerun resumes from the latest checkpoint.
+    """
+    args = args or FineTuneArguments()
+    callers_accelerator = accelerator is not None
+    accelerator = accelerator or make_accelerator(args)
+    set_seed(args.seed)
+    if args.blocks == [AUTO]:
+        args = _resolve_auto(model, train_dataset, args, accelerator)
+    run = _start(model, train_dataset, eval_dataset, args, accelerator)
+    last_accuracy = None  # eval accuracy after this call's last epoch
+    for index, phase in enumerate(args.phases()):
+        accuracy = _run_phase(run, index, phase)
+        last_accuracy = accuracy if accuracy is not None else last_accuracy
+    run.model.base_model.train_only(None)
+    history = run.progress.history
+    metrics = {"train_loss": history[-1]["train_loss"] if history else math.nan}
+    if run.eval_loader is not None:  # this call's last epoch scored the final weights, unless it ran none (resumed)
+        metrics["eval_accuracy"] = (
+            last_accuracy
+            if last_accuracy is not None
+            else evaluate_accuracy(run.model, accelerator.prepare(run.eval_loader), accelerator)
+        )
+    if callers_accelerator:  # release what this call prepared; an accelerator of our own just goes away
+        accelerator.free_memory()
+    return FineTuneResult(model=run.model, metrics=metrics, history=history)

@@ -1,0 +1,21 @@
+"""Training strategies, one module each (Lee et al. 2023; Kumar et al. 2022): what each phase of a run trains.
+
+- `surgical`: tune the chosen blocks, freeze the rest;
+- `full`: tune every block (the adapter then holds deltas for the whole model);
+- `linear-probe`: tune the head only;
+- `lp-ft`: linear-probe the head first, then fine-tune the chosen blocks together with the head.
+
+A strategy is an object with a `description` and `phases(args) -> list[Phase]` (see `_base.py`); `STRATEGIES` finds
+them by module name.
+
+Example:
+    >>> STRATEGIES.names
+    ('full', 'linear-probe', 'lp-ft', 'surgical')
+"""
+
+from ...registry import Registry
+
+__all__ = ["STRATEGIES"]
+
+STRATEGIES: Registry = Registry(__name__, __path__, kind="strategy", attribute="STRATEGY")
+"""The training strategies, by name."""

@@ -1,0 +1,25 @@
+"""The PEFT method, in the shape of PEFT's own tuners: `SurgicalConfig` (config.py), `SurgicalLayer` (layer.py),
+`SurgicalModel` (model.py), with base fingerprints (fingerprint.py) and adapter files (serialization.py). Every
+private PEFT or PyTorch internal they use is in `_internals.py`.
+
+Importing this package registers the `"SURGICAL"` type with PEFT.
+
+Example:
+    >>> from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    >>> from peft.utils import PeftType
+    >>> PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SURGICAL].__name__
+    'SurgicalConfig'
+"""
+
+from ._internals import add_peft_type, register_method
+
+SURGICAL = add_peft_type("SURGICAL")  # before the config is defined: its peft_type is a member of the enum
+
+from .config import DELTA_DTYPES, SurgicalConfig  # noqa: E402
+from .layer import SurgicalLayer  # noqa: E402
+from .model import SurgicalModel  # noqa: E402
+from .serialization import save_adapter  # noqa: E402
+
+__all__ = ["DELTA_DTYPES", "SurgicalConfig", "SurgicalLayer", "SurgicalModel", "save_adapter"]
+
+register_method(SURGICAL, SurgicalConfig, SurgicalModel)

@@ -1,0 +1,65 @@
+"""Every private (or undocumented) PEFT and PyTorch internal the tuner relies on, in one place.
+
+PEFT's tuner API below 1.0 changes between minor releases (hence `peft>=0.21,<0.22` in `pyproject.toml`): on an
+upgrade, this module is what to audit. Each name says what the tuner uses it for.
+
+Example:
+    >>> from torch import nn
+    >>> from surgical_peft.tuner._internals import NORMS_WITH_RUNNING_STATS, persistent_buffer_names
+    >>> isinstance(nn.BatchNorm2d(3), NORMS_WITH_RUNNING_STATS), sorted(persistent_buffer_names(nn.BatchNorm2d(3)))
+    (True, ['num_batches_tracked', 'running_mean', 'running_var'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from aenum import extend_enum
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter
+from peft.utils import PeftType, register_peft_method
+from peft.utils.error import NoMatchingPeftModuleError
+from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter
+from torch import nn
+
+__all__ = [
+    "NORMS_WITH_RUNNING_STATS",
+    "AuxiliaryTrainingWrapper",
+    "BaseTuner",
+    "BaseTunerLayer",
+    "NoMatchingPeftModuleError",
+    "add_peft_type",
+    "delete_auxiliary_adapter",
+    "persistent_buffer_names",
+    "register_method",
+    "set_auxiliary_adapter",
+]
+
+NORMS_WITH_RUNNING_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+"""Normalisation layers whose running statistics move in train mode (BatchNorm, InstanceNorm with stats)."""
+
+delete_auxiliary_adapter = _delete_auxiliary_adapter
+"""Deletes an adapter from PEFT's `modules_to_save` wrappers (`peft.tuners.tuners_utils`)."""
+
+set_auxiliary_adapter = _set_adapter
+"""Switches PEFT's `modules_to_save` wrappers to other adapters (`peft.utils.other`)."""
+
+
+def persistent_buffer_names(module: nn.Module) -> Iterator[str]:
+    """Names of the buffers `module` holds directly and saves in its `state_dict`."""
+    for name, _ in module.named_buffers(recurse=False):
+        if name not in module._non_persistent_buffers_set:
+            yield name
+
+
+def add_peft_type(name: str) -> PeftType:
+    """Add `name` to PEFT's closed `PeftType` enum (its registry takes only members), once."""
+    if name not in PeftType.__members__:
+        extend_enum(PeftType, name, name)
+    return PeftType[name]
+
+
+def register_method(peft_type: PeftType, config_cls: type, model_cls: type) -> None:
+    """Register a tuner with PEFT (`get_peft_model`, `PeftModel.from_pretrained`), once."""
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        register_peft_method(name=peft_type.value.lower(), config_cls=config_cls, model_cls=model_cls)

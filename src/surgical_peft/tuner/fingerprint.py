@@ -1,0 +1,78 @@
+"""Fingerprints of base weights, per block: an adapter records the base it was trained on, and loading it onto another
+checkpoint, architecture, shape or dtype is refused with an error that names what differs.
+
+Example:
+    >>> import torch
+    >>> recorded = fingerprint("Net", {"stem": {"w": torch.zeros(2)}, "head": {"b": torch.ones(1)}})
+    >>> sorted(recorded["blocks"]), recorded["dtypes"]
+    (['head', 'stem'], ['float32'])
+    >>> check_fingerprint(recorded, fingerprint("Net", {"stem": {"w": torch.ones(2)}, "head": {"b": torch.ones(1)}}))
+    Traceback (most recent call last):
+    ...
+    surgical_peft.errors.InputError: This adapter was trained on different base weights: block(s) stem differ ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+
+__all__ = ["check_fingerprint", "fingerprint"]
+
+_FINGERPRINT_DIGEST_CHARS = 16
+
+
+def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def fingerprint(model_name: str, block_tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, Any]:
+    """Per-block sha256 (shortened) of the base tensors, with the floating dtypes they are stored in:
+    `{"model": class name, "dtypes": [...], "blocks": {block: hex}}`."""
+    blocks = {}
+    dtypes = set()
+    for block, tensors in block_tensors.items():
+        digest = hashlib.sha256()
+        for name in sorted(tensors):
+            _hash_tensor(digest, name, tensors[name])
+            if tensors[name].is_floating_point():
+                dtypes.add(str(tensors[name].dtype).removeprefix("torch."))
+        blocks[block] = digest.hexdigest()[:_FINGERPRINT_DIGEST_CHARS]
+    return {"model": model_name, "dtypes": sorted(dtypes), "blocks": blocks}
+
+
+def check_fingerprint(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise an `InputError` naming what differs between the base an adapter was trained on and this one."""
+    override = (
+        "To load it anyway, pass `verify_base=False`: `PeftModel.from_pretrained(model, path, verify_base=False)`, "
+        "or set it on a `SurgicalConfig.from_pretrained(path)` passed as `config=`."
+    )
+    if recorded.get("model") != current["model"]:
+        raise InputError(
+            f"This adapter was trained on a {recorded.get('model')}, not a {current['model']}. {override}"
+        )
+    recorded_blocks, current_blocks = recorded.get("blocks", {}), current["blocks"]
+    if set(recorded_blocks) != set(current_blocks):
+        raise InputError(
+            f"This adapter was trained on a base with blocks {list(recorded_blocks)}, but this model's blocks are "
+            f"{list(current_blocks)}. {override}"
+        )
+    differing = [block for block in current_blocks if recorded_blocks[block] != current_blocks[block]]
+    if differing and "dtypes" in recorded and recorded["dtypes"] != current["dtypes"]:
+        raise InputError(
+            f"This adapter was trained on a base stored in {', '.join(recorded['dtypes'])}, but this model is in "
+            f"{', '.join(current['dtypes'])}: load the base in the adapter's dtype (e.g. `torch_dtype=torch."
+            f"{recorded['dtypes'][0]}`), apply the adapter, then cast. {override}"
+        )
+    if differing:
+        raise InputError(
+            f"This adapter was trained on different base weights: block(s) {', '.join(differing)} differ from the "
+            f"base it was created on (another checkpoint?). {override}"
+        )

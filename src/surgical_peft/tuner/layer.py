@@ -1,0 +1,150 @@
+"""`SurgicalLayer`: the base snapshot and per-adapter deltas of the tensors one module owns.
+
+Surgical fine-tuning trains a block's own weights, so unlike LoRA there is no extra layer in the forward pass: the
+model keeps its structure and its modules compute exactly as before, at the same cost. What a `SurgicalLayer` adds,
+for one module of a tuned block, is bookkeeping, held by the tuner (not inside the model) so that PEFT's status tools
+(`get_model_status`, `disable_adapter`) see it while `.to(device)` and `state_dict()` never do:
+
+- `base`: a snapshot of the tensors the module owns directly (parameters and persistent buffers, such as BatchNorm
+  running statistics), kept off the accelerator and out of resident memory: it lives in an unlinked temporary file,
+  memory-mapped, so it costs disk (page cache) rather than RAM until it is read (to save, switch or unload);
+- `stashed`: for every trained adapter whose weights are *not* currently in the module, those weights (CPU), kept
+  as they were so that switching back and forth is exact;
+- `loaded`: the adapter whose weights the module holds now (`None` for the base weights).
+
+The adapter that is loaded trains in place: its delta is the live tensor minus the snapshot.
+
+Example:
+    >>> import torch
+    >>> from surgical_peft.tuner.layer import SurgicalLayer
+    >>> linear = torch.nn.Linear(2, 2)
+    >>> _ = torch.nn.init.constant_(linear.weight, 0.5)  # exact arithmetic below
+    >>> layer = SurgicalLayer(linear)
+    >>> layer.add_adapter("a"); layer.load("a")
+    >>> with torch.no_grad():
+    ...     _ = linear.weight.add_(1.0)
+    >>> bool((layer.delta("a")["weight"] == 1).all())
+    True
+    >>> layer.load(None)  # back to the base weights; "a" keeps its delta
+    >>> bool((layer.delta("a")["weight"] == 1).all()), bool(torch.equal(linear.weight, layer.base["weight"]))
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ._internals import BaseTunerLayer, persistent_buffer_names
+
+__all__ = ["SurgicalLayer"]
+
+
+def owned_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters and persistent buffers that `module` holds directly (not through a child)."""
+    yield from module.named_parameters(recurse=False)
+    for name in persistent_buffer_names(module):
+        yield name, module.get_buffer(name)
+
+
+def _offloaded_copy(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of `tensors`, memory-mapped from an unlinked temporary file (a plain copy if that fails)."""
+    try:
+        with tempfile.NamedTemporaryFile(prefix="surgical-base-", suffix=".pt") as file:
+            torch.save({name: tensor.detach().cpu() for name, tensor in tensors.items()}, file)
+            file.flush()
+            return torch.load(file.name, mmap=True, weights_only=True)  # the mapping outlives the file's name
+    except (OSError, RuntimeError):  # no writable temporary directory, or no mmap: copies in memory
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in tensors.items()}
+
+
+class SurgicalLayer(nn.Module, BaseTunerLayer):
+    """Base snapshot and per-adapter deltas of the tensors one module owns directly (see the module docstring)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        # Plain attributes, not submodules or buffers: the tuned module stays in the model only, and the snapshot
+        # stays on the CPU whatever device the model moves to.
+        object.__setattr__(self, "module", module)
+        self.base: dict[str, torch.Tensor] = _offloaded_copy(dict(owned_tensors(module)))
+        # An adapter with no entry here is either loaded or has the base weights (a zero delta, stored lazily).
+        self.stashed: dict[str, dict[str, torch.Tensor]] = {}
+        self.adapters: set[str] = set()
+        self.loaded: str | None = None
+
+    # BaseTunerLayer's view, for PEFT's status tools: `active_adapter` and `disable_adapters` report the tuner's state
+    # (set through `set_status`), the same on every layer as PEFT expects, whether or not this layer's module belongs
+    # to the active adapter. Merging is meaningless because the tuned weights are always the module's own.
+    def set_status(self, active_adapters: list[str], enabled: bool) -> None:
+        """Record the tuner's active adapters and whether adapters are enabled."""
+        self._active_adapter = list(active_adapters)
+        self._disable_adapters = not enabled
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.adapters)
+
+    def get_base_layer(self) -> nn.Module:
+        """The tuned module (PEFT asks for it, e.g. to move adapter weights to its device; there are none to move)."""
+        return self.module
+
+    def forward(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("A SurgicalLayer holds bookkeeping only; the tuned module runs inside the model.")
+
+    def extra_repr(self) -> str:
+        return f"{type(self.module).__name__}, adapters={sorted(self.adapters)}, loaded={self.loaded!r}"
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        return dict(owned_tensors(self.module))
+
+    def add_adapter(self, adapter_name: str) -> None:
+        """Register an adapter with a zero delta."""
+        self.adapters.add(adapter_name)
+
+    def delta(self, adapter_name: str, live: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """`tuned - base` of `adapter_name`, on the CPU; `live` overrides the module's tensors (e.g. gathered ones)."""
+        if adapter_name == self.loaded:
+            tuned = {**self._live(), **(live or {})}
+        else:
+            tuned = self.stashed.get(adapter_name, self.base)
+        return {name: tuned[name].detach().to("cpu") - base for name, base in self.base.items()}
+
+    @torch.no_grad()
+    def set_delta(self, adapter_name: str, delta: Mapping[str, torch.Tensor]) -> None:
+        """Give `adapter_name` the weights `base + delta`."""
+        tuned = {name: base + delta[name].to("cpu", base.dtype) for name, base in self.base.items()}
+        if adapter_name == self.loaded:
+            self._write(tuned)
+        else:
+            self.stashed[adapter_name] = tuned
+
+    @torch.no_grad()
+    def _write(self, values: Mapping[str, torch.Tensor]) -> None:
+        for name, tensor in self._live().items():
+            tensor.copy_(values[name].to(tensor.device, tensor.dtype))
+
+    def load(self, adapter_name: str | None) -> None:
+        """Put `adapter_name`'s weights (`None`: the base weights) into the module, stashing the current ones."""
+        if adapter_name == self.loaded:
+            return
+        if adapter_name is not None and adapter_name not in self.adapters:
+            raise InputError(
+                f"Adapter {adapter_name!r} does not tune this module; its adapters: {sorted(self.adapters)}."
+            )
+        holds_base = self.loaded is None
+        if not holds_base:
+            self.stashed[self.loaded] = {name: t.detach().to("cpu", copy=True) for name, t in self._live().items()}
+        target = self.stashed.pop(adapter_name, None) if adapter_name is not None else None
+        if target is not None or not holds_base:  # an untrained adapter on the base weights: nothing to write
+            self._write(self.base if target is None else target)
+        self.loaded = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Forget `adapter_name`; the module gets the base weights back if it held them."""
+        if self.loaded == adapter_name:
+            self.load(None)
+        self.stashed.pop(adapter_name, None)
+        self.adapters.discard(adapter_name)

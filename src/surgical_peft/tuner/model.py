@@ -1,0 +1,443 @@
+"""`SurgicalModel`: the PEFT tuner that fine-tunes chosen blocks of a model in place and saves only their deltas."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..blocks import ALL, AUTO, BlockMap, is_under, list_blocks
+from ..blocks.paths import from_key, to_key
+from ..errors import InputError
+from ._internals import (
+    NORMS_WITH_RUNNING_STATS,
+    AuxiliaryTrainingWrapper,
+    BaseTuner,
+    NoMatchingPeftModuleError,
+    delete_auxiliary_adapter,
+    set_auxiliary_adapter,
+)
+from .config import SurgicalConfig
+from .fingerprint import check_fingerprint, fingerprint
+from .layer import SurgicalLayer, owned_tensors
+from .serialization import KEY_PREFIX, check_delta_state_dict
+
+__all__ = ["SurgicalModel"]
+
+
+class SurgicalModel(BaseTuner):
+    """Surgical fine-tuning (Lee et al., ICLR 2023) as a PEFT tuner. Created by `peft.get_peft_model`.
+
+    The tuned blocks are trained in place: the model keeps its modules and its speed, and only the parameters of the
+    active adapter's blocks require grad. Each tuned module gets a `SurgicalLayer` that keeps the base weights and the
+    other adapters' deltas on the CPU. Frozen normalisation layers with running statistics (BatchNorm) always run in
+    eval mode, so their statistics cannot drift while the model trains; the tuned blocks' own statistics train and are
+    saved with the deltas.
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> from surgical_peft import SurgicalConfig
+        >>> base = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        >>> model = get_peft_model(base, SurgicalConfig(block="stage1"))
+        >>> model.peft_config["default"].target_modules
+        ['resnet.encoder.stages.0']
+        >>> trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        >>> sorted({name.split(".layers.")[0] for name in trainable})
+        ['base_model.model.resnet.encoder.stages.0']
+    """
+
+    prefix: str = "surgical_"
+    tuner_layer_cls = SurgicalLayer
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}  # blocks are resolved from structure instead
+
+    def _pre_injection_hook(self, model: nn.Module, config: SurgicalConfig, adapter_name: str) -> None:
+        # Called by BaseTuner.__init__ once nn.Module is set up and before the first adapter is injected.
+        self.surgical_layers = nn.ModuleDict()  # module path ("." as "/") -> layer, shared by all adapters
+        self._adapter_modules: dict[str, list[str]] = {}  # adapter -> paths of the modules it tunes
+        self._pending_targets: list[str] = []
+        self._adapters_enabled = True
+        self._base_fingerprint: dict[str, Any] | None = None
+        self._requires_grad_before: dict[str, bool] = {}
+        self._awaiting_weights: set[str] = set()  # adapters created from a saved config, whose weights are not loaded
+        self._training_subset: list[str] | None = None  # see `train_only`
+
+    def _layer(self, path: str) -> SurgicalLayer:
+        return self.surgical_layers[to_key(path)]
+
+    # ----------------------------------------------------------------------------------------------------- injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """Resolve `block` names, check the base fingerprint, then let PEFT match `target_modules` (nothing is changed
+        in the model before all checks pass)."""
+        config: SurgicalConfig = self.peft_config[adapter_name]
+        blocks = list_blocks(model)
+        current = self._fingerprint(model, blocks, config)
+        if config.base_fingerprint is not None and config.verify_base:  # first: another model has other blocks
+            check_fingerprint(config.base_fingerprint, current)
+        self._resolve_blocks(config, blocks)
+        self._pending_targets = []
+        if not self._requires_grad_before:  # before PEFT's injection, which already switches adapters
+            self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
+        # PEFT's injection calls `set_adapter(active, inference_mode=<the new adapter's>)`, which must not change
+        # whether the adapters already there are trainable.
+        inference_modes = {name: other.inference_mode for name, other in self.peft_config.items()}
+        owners: list[str] = []
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+            pending = self._pending_targets  # PEFT reports nested matches too; the outermost ones cover the rest
+            targets = [path for path in pending if not any(path.startswith(other + ".") for other in pending)]
+            for target in targets:
+                for name, module in model.get_submodule(target).named_modules(prefix=target):
+                    if is_under(name, config.modules_to_save or []) or not any(True for _ in owned_tensors(module)):
+                        continue
+                    key = to_key(name)
+                    if key not in self.surgical_layers:
+                        self.surgical_layers[key] = SurgicalLayer(module)
+                    self.surgical_layers[key].add_adapter(adapter_name)
+                    owners.append(name)
+            if not owners:
+                raise InputError(
+                    f"The modules matched by target_modules={config.target_modules} hold no tensors to tune."
+                )
+        except Exception as error:
+            self._adapter_modules[adapter_name] = owners
+            self._forget(adapter_name)  # PEFT's injection has already set requires_grad flags: undo everything
+            if isinstance(error, NoMatchingPeftModuleError):
+                raise type(error)(f"{error}\nThe model's blocks, for reference:\n{blocks}") from error
+            raise
+        finally:
+            for name, mode in inference_modes.items():
+                if name in self.peft_config:
+                    self.peft_config[name].inference_mode = mode
+        self._adapter_modules[adapter_name] = owners
+        if config.base_fingerprint is not None:
+            self._awaiting_weights.add(adapter_name)
+        config.base_fingerprint = config.base_fingerprint or current
+        self._activate(self.active_adapters)
+
+    def _resolve_blocks(self, config: SurgicalConfig, blocks: BlockMap) -> None:
+        if not config.blocks and config.target_modules is None:
+            raise InputError(f"SurgicalConfig needs `block` or `target_modules`. {self._choices(blocks)}")
+        if not config.blocks:
+            return
+        if config.blocks == [AUTO]:
+            raise InputError(
+                "block='auto' must be resolved on target data before the adapter is created: "
+                "config = surgical_peft.select_blocks(model, dataloader, config), then get_peft_model(model, config)."
+            )
+        if not blocks.structural:
+            raise InputError(
+                f"{blocks.model_name} has no block map, so block={config.block!r} cannot be resolved. Pass "
+                f"`target_modules` instead (module names or a regex). {self._choices(blocks)}"
+            )
+        names = list(blocks) if config.blocks == [ALL] else config.blocks
+        resolved = blocks.target_modules(names)
+        if config.target_modules is not None and config.target_modules != resolved:
+            raise InputError(
+                f"block={config.block!r} resolves to {resolved} on this {blocks.model_name}, but the config records "
+                f"target_modules={config.target_modules}; pass only one of them."
+            )
+        config.target_modules = resolved
+
+    @staticmethod
+    def _choices(blocks: BlockMap) -> str:
+        return f"The model's blocks (surgical_peft.list_blocks(model)):\n{blocks}"
+
+    def _fingerprint(self, model: nn.Module, blocks: BlockMap, config: SurgicalConfig) -> dict[str, Any]:
+        """Fingerprint of the base weights (snapshots where an adapter is loaded), skipping `modules_to_save`."""
+        if self._base_fingerprint is not None and not config.modules_to_save:
+            return self._base_fingerprint
+        wrappers = [f"{name}." for name, _ in self._auxiliary_modules()]
+        base = {}
+        for path, tensor in model.state_dict(keep_vars=True).items():
+            wrapper = next((prefix for prefix in wrappers if path.startswith(prefix)), None)
+            if wrapper is not None:  # a modules_to_save wrapper: the original module is the base, not the copies
+                if not path.startswith(f"{wrapper}original_module."):
+                    continue
+                path = wrapper + path.removeprefix(f"{wrapper}original_module.")
+            module_path, _, name = path.rpartition(".")
+            layer = self.surgical_layers[key] if (key := to_key(module_path)) in self.surgical_layers else None
+            base[path] = layer.base[name] if layer is not None and name in layer.base else tensor
+        block_tensors: dict[str, dict[str, torch.Tensor]] = {block: {} for block in blocks}
+        for path, tensor in base.items():
+            block = blocks.block_of(path)
+            if block is not None and not is_under(path, config.modules_to_save or []):
+                block_tensors[block][path] = tensor
+        result = fingerprint(blocks.model_name, block_tensors)
+        if not config.modules_to_save:
+            self._base_fingerprint = result
+        return result
+
+    def _create_and_replace(
+        self,
+        peft_config: SurgicalConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        # Nothing is replaced: the matched module is tuned in place. Layers are created once all matches are known.
+        self._pending_targets.append(current_key)
+
+    def _prepare_adapter_config(self, peft_config: SurgicalConfig, model_config: dict) -> SurgicalConfig:
+        return peft_config
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # The tuned tensors are the model's own; their dtype is the model's.
+        return
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # Trainability is set by `_activate`, which knows the active adapter's modules.
+        return
+
+    # ------------------------------------------------------------------------------------------- adapter switching
+    def _activate(self, adapter_names: list[str]) -> None:
+        """Load `adapter_names`' weights (the base weights when adapters are disabled) and set requires_grad."""
+        if len(adapter_names) > 1:
+            raise InputError(
+                f"Surgical adapters replace weights in place, so only one can be active; got {adapter_names}."
+            )
+        active = adapter_names[0] if adapter_names and self._adapters_enabled else None
+        modules = self._adapter_modules.get(active, []) if active is not None else []
+        tuned = set(modules)
+        for key, layer in self.surgical_layers.items():
+            layer.load(active if from_key(key) in tuned else None)
+            layer.set_status(adapter_names, self._adapters_enabled)
+        trainable = active is not None and not self.peft_config[active].inference_mode
+        training = self._training_modules(active)
+        auxiliary = [name for name, _ in self._auxiliary_modules()]
+        for path, parameter in self.model.named_parameters():
+            module_path = path.rpartition(".")[0]
+            if not is_under(module_path, auxiliary):  # PEFT's modules_to_save wrappers manage their own parameters
+                parameter.requires_grad_(trainable and module_path in training)
+        self._set_norm_modes(training)
+
+    def train_only(self, module_paths: list[str] | None) -> None:
+        """Train only the active adapter's modules under `module_paths` (`None`: all of them), e.g. the head alone in
+        the linear-probe phase of LP-FT. The others keep their weights and run as frozen modules (BatchNorm in eval
+        mode); `modules_to_save` always train.
+
+        Example:
+            >>> from peft import get_peft_model
+            >>> from transformers import ResNetConfig, ResNetForImageClassification
+            >>> from surgical_peft import SurgicalConfig
+            >>> base = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]))
+            >>> model = get_peft_model(base, SurgicalConfig(block=["stage1", "head"]))
+            >>> model.base_model.train_only(["classifier"])
+            >>> sorted({name.split(".")[2] for name, p in model.named_parameters() if p.requires_grad})
+            ['classifier']
+        """
+        self._training_subset = None if module_paths is None else list(module_paths)
+        self._activate(self.active_adapters)
+
+    def _training_modules(self, adapter: str | None) -> list[str]:
+        """The modules of `adapter` that train (all of them unless `train_only` restricts them)."""
+        modules = self._adapter_modules.get(adapter, []) if adapter is not None else []
+        return [path for path in modules if self._training_subset is None or is_under(path, self._training_subset)]
+
+    @property
+    def _loaded_adapter(self) -> str | None:
+        """The adapter whose weights the model holds (`None` when adapters are disabled)."""
+        return self.active_adapters[0] if self.active_adapters and self._adapters_enabled else None
+
+    def _set_norm_modes(self, tuned_modules: list[str]) -> None:
+        """Frozen norms with running statistics run in eval mode; the tuned ones follow the model's mode."""
+        for path, module in self.model.named_modules():
+            if isinstance(module, NORMS_WITH_RUNNING_STATS):
+                module.train(self.model.training and is_under(path, tuned_modules))
+
+    def train(self, mode: bool = True) -> SurgicalModel:
+        """`nn.Module.train`, except that frozen BatchNorm layers stay in eval mode (their statistics never drift)."""
+        super().train(mode)
+        self._set_norm_modes(self._training_modules(self._loaded_adapter))
+        return self
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter: its weights go into the model, the previous ones to the CPU."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise InputError(f"Adapter(s) {unknown} not found. Available: {list(self.peft_config)}.")
+        for name in names:
+            self.peft_config[name].inference_mode = inference_mode
+        self.active_adapter = adapter_name
+        self._activate(names)
+        set_auxiliary_adapter(self.model, names, inference_mode=inference_mode)  # PEFT's modules_to_save wrappers
+
+    def _auxiliary_modules(self) -> list[tuple[str, AuxiliaryTrainingWrapper]]:
+        """PEFT's wrappers of `modules_to_save`, which switch, train and unload by themselves."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        self._adapters_enabled = enabled
+        self._activate(self.active_adapters)
+        for _, module in self._auxiliary_modules():
+            module.enable_adapters(enabled)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self.peft_config[name].inference_mode = not requires_grad
+        self._activate(self.active_adapters)
+        for _, module in self._auxiliary_modules():
+            module.set_requires_grad(names, requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete `adapter_name`; if it was active, the first remaining adapter becomes active."""
+        if adapter_name not in self.peft_config:
+            raise InputError(f"Adapter {adapter_name!r} does not exist. Available: {list(self.peft_config)}.")
+        del self.peft_config[adapter_name]
+        self._awaiting_weights.discard(adapter_name)
+        for path in self._adapter_modules.pop(adapter_name):
+            layer = self._layer(path)
+            layer.delete_adapter(adapter_name)
+            if not layer.adapters:
+                del self.surgical_layers[to_key(path)]
+        remaining = [name for name in self.active_adapters if name != adapter_name]
+        self.active_adapter = remaining or list(self.peft_config)[:1]
+        self._activate(self.active_adapters)
+        delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.active_adapters)
+
+    # ------------------------------------------------------------------------------------- merging and unloading
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """The active adapter's weights are always in the model, so merging only switches to `adapter_names`;
+        `safe_merge` checks that they are finite."""
+        if adapter_names:  # switch without changing whether the adapter trains
+            modes = {self.peft_config[name].inference_mode for name in adapter_names if name in self.peft_config}
+            self.set_adapter(adapter_names, inference_mode=modes == {True})
+        if safe_merge:
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        """Raise a `ValueError` if the weights of the modules the active adapter tunes hold NaN or inf."""
+        active = self._loaded_adapter
+        broken = [
+            f"{path}.{name}"
+            for path in self._adapter_modules.get(active, [])
+            for name, tensor in owned_tensors(self._layer(path).module)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+        ]
+        if broken:
+            raise InputError(f"NaNs detected in the weights of adapter {active!r} ({', '.join(broken[:3])}).")
+
+    def unmerge_adapter(self) -> None:
+        """Nothing to undo: merging never changes more than which adapter is active."""
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        else:
+            for layer in self.surgical_layers.values():
+                layer.load(None)
+        for path, module in self._auxiliary_modules():
+            parent, _, name = path.rpartition(".")
+            unwrapped = (
+                module.unload_and_optionally_merge_module(merge=True, safe_merge=safe_merge, adapter_names=None)
+                if merge
+                else module.original_module
+            )
+            setattr(self.model.get_submodule(parent), name, unwrapped)
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(self._requires_grad_before.get(name, parameter.requires_grad))
+        for module in self.model.modules():  # no norm is held in eval mode any more
+            if isinstance(module, NORMS_WITH_RUNNING_STATS):
+                module.train(self.model.training)
+        self.surgical_layers.clear()
+        self._adapter_modules.clear()
+        self._requires_grad_before = {}
+        self._awaiting_weights.clear()
+        self._base_fingerprint = None
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    # ----------------------------------------------------------------------------------------- (de)serialisation
+    @staticmethod
+    def _tuner_of(model: nn.Module) -> SurgicalModel:
+        tuner = getattr(model, "base_model", None)
+        if not isinstance(tuner, SurgicalModel):
+            raise TypeError("Surgical adapters are saved and loaded through a PeftModel (peft.get_peft_model).")
+        return tuner
+
+    def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The live tensors an adapter applies to, keyed as in the adapter file."""
+        return {
+            f"{KEY_PREFIX}{path}.{name}": tensor
+            for path in self._adapter_modules[adapter_name]
+            for name, tensor in owned_tensors(self._layer(path).module)
+        }
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: SurgicalConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """The deltas of `adapter_name` (tuned - base), parameters in `config.delta_dtype`. Buffers (BatchNorm running
+        statistics) keep their dtype: they are tiny, and a shift can move a running variance by orders of magnitude,
+        which bf16 deltas round badly (measured in benchmarks/shifts.py)."""
+        tuner = cls._tuner_of(model)
+        dtype = config.delta_torch_dtype
+        result = {}
+        for path in tuner._adapter_modules[adapter_name]:
+            layer = tuner._layer(path)
+            # Under FSDP or DeepSpeed the gathered `state_dict` holds the full tensors; the module may hold shards.
+            live = {
+                name: state_dict[f"{KEY_PREFIX}{path}.{name}"]
+                for name in layer.base
+                if f"{KEY_PREFIX}{path}.{name}" in state_dict
+            }
+            for name, delta in layer.delta(adapter_name, live).items():
+                is_parameter = name in layer.module._parameters
+                cast = dtype if dtype is not None and is_parameter and delta.is_floating_point() else delta.dtype
+                result[f"{KEY_PREFIX}{path}.{name}"] = delta.to(cast).contiguous()
+        return result
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key  # adapter names never appear in the keys
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SurgicalConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Check the deltas against the model and apply them; a bad file leaves the model as it was (an adapter added
+        for it is removed again).
+
+        Returns the full weights of `modules_to_save`, which PEFT loads into its wrappers itself.
+        """
+        tuner = cls._tuner_of(model)
+        auxiliary = tuple(f"{KEY_PREFIX}{name}." for name, _ in tuner._auxiliary_modules())
+        full = {key: tensor for key, tensor in state_dict.items() if auxiliary and key.startswith(auxiliary)}
+        deltas = {key: tensor for key, tensor in state_dict.items() if key not in full}
+        try:
+            check_delta_state_dict(deltas, tuner._adapter_tensors(adapter_name), config.delta_torch_dtype)
+        except ValueError:
+            if adapter_name in tuner._awaiting_weights:
+                tuner._forget(adapter_name)
+            raise
+        tuner._awaiting_weights.discard(adapter_name)
+        for path in tuner._adapter_modules[adapter_name]:
+            layer = tuner._layer(path)
+            layer.set_delta(adapter_name, {name: deltas[f"{KEY_PREFIX}{path}.{name}"] for name in layer.base})
+        return full
+
+    def _forget(self, adapter_name: str) -> None:
+        """Remove an adapter that could not be added or loaded, leaving the model as it was before it was added."""
+        if len(self.peft_config) == 1:
+            self._adapter_modules.pop(adapter_name, None)
+            self._unload_and_optionally_merge(merge=False)
+            self.peft_config.pop(adapter_name, None)
+        else:
+            self.delete_adapter(adapter_name)
