@@ -67,7 +67,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .blocks import list_blocks, unwrap_model
+from .blocks import BlockMap, list_blocks, unwrap_model
+from .errors import InputError
+from .modes import held_in_eval
 
 __all__ = ["FeatureCache", "IndexedDataset", "random_transforms"]
 
@@ -269,8 +271,43 @@ def _map(obj: Any, leaf: type, fn: Callable[[Any], Any], module: str) -> Any:
 def _keys(indices: torch.Tensor | Sequence[int]) -> list[int]:
     keys = indices.tolist() if isinstance(indices, torch.Tensor) else [int(index) for index in indices]
     if len(set(keys)) != len(keys):
-        raise ValueError(f"The example indices of a batch must be distinct, got {keys}.")
+        raise InputError(f"The example indices of a batch must be distinct, got {keys}.")
     return keys
+
+
+def _check_settings(deterministic: bool, max_bytes: int, data: object) -> None:
+    if deterministic is not True:
+        raise InputError(
+            "FeatureCache reuses each example's features in every epoch, which is only right when the input "
+            "pipeline gives the same input every epoch (no random augmentation). Pass deterministic=True to "
+            "vouch for that, or train without the cache."
+        )
+    if data is not None and (found := random_transforms(data)):
+        raise InputError(
+            "FeatureCache needs a deterministic input pipeline, but the data uses random transforms: "
+            f"{'; '.join(found)}. Cached features would freeze one random draw per example. Train without the "
+            "cache, or cache with a deterministic pipeline."
+        )
+    if max_bytes <= 0:
+        raise InputError(f"max_bytes must be positive, got {max_bytes}.")
+
+
+def _cached_block(model: nn.Module, blocks: BlockMap, block: str | None) -> str:
+    """The block whose input is cached: `block`, or the first block with a parameter that requires grad."""
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    first_trainable = next((name for name in blocks if any(blocks.block_of(path) == name for path in trainable)), None)
+    if first_trainable is None:
+        raise InputError("No parameter of the model requires grad: there is nothing to train past a cache.")
+    if block is None:
+        block = first_trainable
+    elif block not in blocks:
+        raise InputError(f"Unknown block {block!r}. The model's blocks:\n{blocks}")
+    names = list(blocks)
+    if names.index(block) > names.index(first_trainable):
+        raise InputError(f"Block {first_trainable!r}, before {block!r}, is trainable: it cannot be cached.")
+    if names.index(block) == 0:
+        raise InputError(f"{block!r} is the model's first block: there is no frozen prefix in front of it to cache.")
+    return block
 
 
 # --------------------------------------------------------------------------------------------------- the cache
@@ -325,39 +362,11 @@ class FeatureCache:
         block: str | None = None,
         data: object = None,
     ) -> None:
-        if deterministic is not True:
-            raise ValueError(
-                "FeatureCache reuses each example's features in every epoch, which is only right when the input "
-                "pipeline gives the same input every epoch (no random augmentation). Pass deterministic=True to "
-                "vouch for that, or train without the cache."
-            )
-        if data is not None and (found := random_transforms(data)):
-            raise ValueError(
-                "FeatureCache needs a deterministic input pipeline, but the data uses random transforms: "
-                f"{'; '.join(found)}. Cached features would freeze one random draw per example. Train without the "
-                "cache, or cache with a deterministic pipeline."
-            )
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive, got {max_bytes}.")
+        _check_settings(deterministic, max_bytes, data)
         base = unwrap_model(model)
         blocks = list_blocks(base)
-        trainable = [name for name, parameter in base.named_parameters() if parameter.requires_grad]
-        first_trainable = next(
-            (name for name in blocks if any(blocks.block_of(path) == name for path in trainable)), None
-        )
-        if first_trainable is None:
-            raise ValueError("No parameter of the model requires grad: there is nothing to train past a cache.")
-        if block is None:
-            block = first_trainable
-        elif block not in blocks:
-            raise ValueError(f"Unknown block {block!r}. The model's blocks:\n{blocks}")
+        block = _cached_block(base, blocks, block)
         names = list(blocks)
-        if names.index(block) > names.index(first_trainable):
-            raise ValueError(f"Block {first_trainable!r}, before {block!r}, is trainable: it cannot be cached.")
-        if names.index(block) == 0:
-            raise ValueError(
-                f"{block!r} is the first block of the model: there is no frozen prefix in front of it to cache."
-            )
         self.block = block
         self.max_bytes = max_bytes
         self.hits = 0
@@ -424,12 +433,9 @@ class FeatureCache:
         miss_rows = [row for row, key in enumerate(keys) if key not in self._store]
         self.hits += len(hit_rows)
         self.misses += len(miss_rows)
-        modes = [(module, module.training) for top in self._prefix for module in top.modules()]
         handles = []
         stubbed: list[tuple[nn.Module, Any]] = []
         try:
-            for module, _ in modes:
-                module.training = False
             if miss_rows:
                 handles += [
                     module.register_forward_hook(functools.partial(self._record_template, position))
@@ -444,7 +450,8 @@ class FeatureCache:
             handles.append(
                 self._entry.register_forward_pre_hook(functools.partial(self._feed, keys, hit_rows, miss_rows))
             )
-            yield
+            with held_in_eval(self._prefix):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -453,8 +460,6 @@ class FeatureCache:
                     del module.forward
                 else:
                     module.forward = forward
-            for module, training in modes:
-                module.training = training
 
     def _check_prefix(self) -> None:
         if any(isinstance(t, nn.Parameter) and t.requires_grad for t in self._prefix_tensors):
@@ -496,7 +501,7 @@ class FeatureCache:
     @staticmethod
     def _select(keys: list[int], rows: list[int], module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if not args or not isinstance(args[0], torch.Tensor) or args[0].shape[0] != len(keys):
-            raise ValueError(
+            raise InputError(
                 f"{type(module).__name__} (the model's first block) must get a tensor with one row per example "
                 f"({len(keys)}) as its first positional argument."
             )
@@ -508,7 +513,7 @@ class FeatureCache:
         """Pre-hook of the cached block: store the newly computed rows, give it the full batch of features."""
         computed = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if computed is None or (miss_rows and computed.shape[0] != len(miss_rows)):
-            raise ValueError(
+            raise InputError(
                 f"Block {self.block!r} ({type(module).__name__}) must get a tensor with one row per example as its "
                 "first positional argument for its input to be cached."
             )

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from .blocks import unwrap_model
 from .errors import InputError
+from .modes import held_in_eval
 
 __all__ = ["gradient_snr", "labelled_batches", "probing", "relative_gradient_norms", "rgn_per_tensor"]
 
@@ -65,16 +66,13 @@ def labelled_batches(
 @contextmanager
 def probing(model: nn.Module, parameters: Sequence[nn.Parameter]) -> Iterator[None]:
     """Eval mode and `requires_grad=True` on `parameters` for the duration; both restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
     flags = [(parameter, parameter.requires_grad) for parameter in parameters]
-    model.eval()
     for parameter in parameters:
         parameter.requires_grad_(True)
     try:
-        yield
+        with held_in_eval([model]):
+            yield
     finally:
-        for module, mode in modes:
-            module.training = mode
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
 

@@ -186,6 +186,31 @@ def _accuracy(model: nn.Module, dataset: Sequence[dict[str, Any]]) -> float:
     return evaluate_accuracy(model, DataLoader(dataset, batch_size=256))
 
 
+def _row(
+    base: nn.Module,
+    row: str,
+    splits: tuple[Sequence[dict[str, Any]], ...],
+    args: FineTuneArguments,
+    learning_rates: Sequence[float],
+    repeats: int,
+    bar: tqdm,
+) -> tuple[float, list[float]]:
+    """One row of the table: the learning rate picked on the validation split, and the test accuracy of each run."""
+    train, val, test = splits
+    tuned = {}  # learning rate -> (validation accuracy, model)
+    for learning_rate in learning_rates:
+        model = _tune(base, row, train, replace(args, learning_rate=learning_rate))
+        tuned[learning_rate] = (_accuracy(model, val), model)
+        bar.update()
+    chosen = max(learning_rates, key=lambda learning_rate: tuned[learning_rate][0])
+    runs = [_accuracy(tuned[chosen][1], test)]
+    for repeat in range(1, repeats):
+        model = _tune(base, row, train, replace(args, learning_rate=chosen, seed=args.seed + repeat))
+        runs.append(_accuracy(model, test))
+        bar.update()
+    return chosen, runs
+
+
 def demo(
     *,
     shift: str = DEFAULT_SHIFT,
@@ -238,17 +263,7 @@ def demo(
         args = FineTuneArguments(epochs=epochs, batch_size=16, seed=seed, progress=False)
         bar = tqdm(total=len(rows) * (len(learning_rates) + repeats - 1), desc="demo", disable=not progress)
         for row in rows:
-            tuned = {}  # learning rate -> (validation accuracy, model)
-            for learning_rate in learning_rates:
-                model = _tune(base, row, train, replace(args, learning_rate=learning_rate))
-                tuned[learning_rate] = (_accuracy(model, val), model)
-                bar.update()
-            chosen[row] = max(learning_rates, key=lambda learning_rate: tuned[learning_rate][0])
-            runs = [_accuracy(tuned[chosen[row]][1], test)]
-            for repeat in range(1, repeats):
-                model = _tune(base, row, train, replace(args, learning_rate=chosen[row], seed=seed + repeat))
-                runs.append(_accuracy(model, test))
-                bar.update()
+            chosen[row], runs = _row(base, row, (train, val, test), args, learning_rates, repeats, bar)
             accuracy[row], std[row] = mean(runs), pstdev(runs)
         bar.close()
 
