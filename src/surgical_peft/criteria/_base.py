@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -49,17 +50,17 @@ class Criterion(Protocol):
     ) -> BlockRanking: ...
 
 
+TensorScores = Callable[[nn.Module, list[str], list[nn.Parameter], Any], tuple[torch.Tensor, int]]
+"""`(model, names, parameters, batches) -> (one score per tensor, number of examples seen)`."""
+
+
+@dataclass(frozen=True)
 class TensorCriterion:
-    """A criterion that scores every tensor and gives each block the mean over its tensors."""
+    """A criterion that scores every tensor (`tensor_scores`) and gives each block the mean over its tensors."""
 
     name: str
     description: str
-
-    def tensor_scores(
-        self, model: nn.Module, names: list[str], parameters: list[nn.Parameter], batches: Any
-    ) -> tuple[torch.Tensor, int]:
-        """One score per tensor of `parameters`, and the number of examples seen."""
-        raise NotImplementedError
+    tensor_scores: TensorScores
 
     def rank(self, model: nn.Module, dataloader: Any, candidates: Candidates, options: RankOptions) -> BlockRanking:
         names = [name for found in candidates.tensors.values() for name in found]
