@@ -261,7 +261,13 @@ def _only_a_pickle(directory: Path) -> None:
     (directory / WEIGHTS).rename(directory / "adapter_model.bin")
 
 
+def _another_base(directory: Path) -> None:
+    recorded = json.loads((directory / CONFIG).read_text())["base_fingerprint"]
+    edit_config(directory, base_fingerprint={**recorded, "blocks": dict.fromkeys(recorded["blocks"], "0" * 16)})
+
+
 BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
+    "another base": (_another_base, "different base weights"),
     "no weights file": (_no_weights, "holds no adapter_model.safetensors \\(found none\\)"),
     "only a .bin": (_only_a_pickle, "found only adapter_model.bin \\(a pickle, never loaded\\)"),
     "a non-finite file": (lambda d: rewrite_weights(d, _first_float(lambda t: t * float("nan"))), "NaN or inf"),

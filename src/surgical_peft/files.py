@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -115,11 +116,17 @@ def _fsync(path: Path) -> None:
 
 def move_into_place(directory: Path, moves: list[tuple[Path, str]]) -> None:
     """Rename each staged file `(source, relative name)` over `directory / name`, in the order given: each file is
-    fsynced before its rename and its directory after it, so that a crash leaves every name either old or new."""
-    for source, name in moves:
-        destination = directory / name
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        _fsync(source)
-        os.replace(source, destination)
-        _fsync(destination.parent)
-        kill_point(f"after {name}")
+    fsynced before its rename and its directory after it, so that a crash leaves every name either old or new.
+    Concurrent writers into one directory take turns (a lock on the directory), so their renames never interleave."""
+    lock = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for source, name in moves:
+            destination = directory / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            _fsync(source)
+            os.replace(source, destination)
+            _fsync(destination.parent)
+            kill_point(f"after {name}")
+    finally:
+        os.close(lock)  # releases the lock

@@ -464,12 +464,11 @@ class SurgicalModel(BaseTuner):
 
     def _check_running_variances(self, adapter_name: str, deltas: Mapping[str, torch.Tensor]) -> None:
         """Raise an `InputError` if `deltas` would give a running variance (BatchNorm) a negative value."""
-        negative = [
-            key
-            for path in self._adapter_modules[adapter_name]
-            if "running_var" in (base := self._layer(path).base)
-            and bool(((base["running_var"] + deltas[key := f"{KEY_PREFIX}{path}.running_var"]) < 0).any())
-        ]
+        negative = []
+        for path in self._adapter_modules[adapter_name]:
+            base, key = self._layer(path).base, f"{KEY_PREFIX}{path}.running_var"
+            if "running_var" in base and bool((base["running_var"] + deltas[key] < 0).any()):
+                negative.append(key)
         if negative:
             raise InputError(f"The adapter gives a negative running variance to {', '.join(negative[:3])}.")
 
