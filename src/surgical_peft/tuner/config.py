@@ -165,8 +165,8 @@ class SurgicalConfig(PeftConfig):
         differing = [name for name in RECORDED_FIELDS if name in record and getattr(self, name) != record[name]]
         if differing:
             warnings.warn(
-                f"{CONFIG_NAME} disagrees with {weights} on {', '.join(differing)}; using what the weights file "
-                "recorded when it was saved (the config was edited, or a save was interrupted between its renames).",
+                f"{weights.with_name(CONFIG_NAME)} disagrees with {weights} on {', '.join(differing)}; using what "
+                "the weights file recorded when saved (an edited config, or a save interrupted between renames).",
                 stacklevel=3,
             )
         for name in differing:
