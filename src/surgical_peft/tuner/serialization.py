@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ..errors import InputError
 from ..files import kill_point, move_into_place, staging_inside
@@ -120,13 +121,24 @@ def read_adapter_file(path: Path) -> AdapterFile:
     return AdapterFile(keys=sorted(tensors), record=record)
 
 
+def _with_sorted_metadata(data: bytes) -> bytes:
+    """A safetensors file's bytes with its metadata in key order (safetensors writes a hash map: a random order, so
+    two saves of one adapter would differ)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors pads it
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
+
+
 def _seal(weights: Path) -> None:
     """Rewrite the staged weights file `weights` with its checksum and its config's `RECORDED_FIELDS`."""
     config = json.loads((weights.parent / CONFIG_NAME).read_text())
     tensors, metadata = _read(weights)
     metadata[CHECKSUM_KEY] = tensors_checksum(tensors)
     metadata[RECORD_KEY] = json.dumps({name: config.get(name) for name in RECORDED_FIELDS})
-    save_file(tensors, str(weights), metadata=metadata)
+    weights.write_bytes(_with_sorted_metadata(save(tensors, metadata=metadata)))
 
 
 def _write_order(staging: Path) -> list[tuple[Path, str]]:
