@@ -140,7 +140,7 @@ def source_model(
     )
     with _one_thread():
         result = fine_tune(model, _in_memory(parts["train"]), _in_memory(parts["eval"]), args)
-    with staged_directory(path, replace=False) as staging:  # another process may have cached it first
+    with staged_directory(path) as staging:  # another process may have cached it first: kept
         result.model.merge_and_unload().save_pretrained(staging)
         (staging / _SOURCE_METRICS).write_text(json.dumps({"source_accuracy": result.metrics["eval_accuracy"]}))
     return path

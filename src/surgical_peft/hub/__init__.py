@@ -137,7 +137,8 @@ def render_model_card(
 
 
 def save_adapter_with_card(model: Any, directory: str | os.PathLike[str], card: str) -> Path:
-    """Save the adapter and its model card (`README.md`) atomically (see `surgical_peft.save_adapter`).
+    """Save the adapter with its model card (`README.md`) through `surgical_peft.save_adapter`: each file replaced
+    atomically, nothing else in `directory` touched.
 
     Example:
         >>> import tempfile, torch

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
 
 from ..blocks.names import AUTO
+from ..blocks.paths import is_under
 from ..criteria import CRITERIA
 from ..errors import InputError
-from .serialization import check_adapter_file
+from .fingerprint import check_fingerprint_format
+from .serialization import KEY_PREFIX, RECORDED_FIELDS, read_adapter_file
 
 __all__ = ["DELTA_DTYPES", "SurgicalConfig"]
 
@@ -45,8 +52,9 @@ class SurgicalConfig(PeftConfig):
             `"bfloat16"` or `"float16"` halves their bytes. Buffers (BatchNorm statistics) keep their dtype.
         base_fingerprint: hashes of the base weights, per block, filled in when the adapter is created; loading the
             adapter onto a different base raises an error that names the blocks that differ.
-        verify_base: set to `False` to load an adapter onto a base whose fingerprint differs, e.g.
-            `PeftModel.from_pretrained(model, path, verify_base=False)`. Never saved.
+        verify_base: set to `False` to load an adapter onto a base whose fingerprint differs (or that records none),
+            e.g. `PeftModel.from_pretrained(model, path, verify_base=False)`. Never saved, and never read from a file:
+            only the caller can skip the check.
         auto_criterion: how `block="auto"` ranks the blocks: `"rgn"` (Auto-RGN), `"snr"` (Auto-SNR) or `"sweep"`;
             see `surgical_peft.rank_blocks`.
         auto_top_k: how many of the best-ranked blocks `block="auto"` tunes.
@@ -86,22 +94,12 @@ class SurgicalConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.SURGICAL
-        if isinstance(self.block, (list, tuple)):
-            self.block = list(self.block)
-            if not self.block or not all(isinstance(name, str) for name in self.block):
-                raise InputError(f"`block` must be a block name or a non-empty list of them, got {self.block!r}.")
-        elif self.block is not None and not isinstance(self.block, str):
-            raise TypeError(f"`block` must be a str or a list of str, got {type(self.block).__name__}.")
+        for name in ("block", "target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), (list, tuple, set)):
+                setattr(self, name, list(getattr(self, name)))
+        check_fields({item.name: getattr(self, item.name) for item in fields(self)})
         if AUTO in self.blocks and len(self.blocks) > 1:
             raise InputError(f"block='auto' picks the blocks itself and cannot be combined with others: {self.block}.")
-        if self.auto_criterion not in CRITERIA.names:
-            raise InputError(f"Unknown auto_criterion {self.auto_criterion!r}. Valid: {', '.join(CRITERIA.names)}.")
-        if isinstance(self.auto_top_k, bool) or not isinstance(self.auto_top_k, int) or self.auto_top_k < 1:
-            raise InputError(f"auto_top_k must be an int of at least 1, got {self.auto_top_k!r}.")
-        if self.delta_dtype not in (None, *DELTA_DTYPES):
-            raise InputError(f"Unknown delta_dtype {self.delta_dtype!r}. Valid: None, {', '.join(DELTA_DTYPES)}.")
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = list(self.target_modules)
 
     @property
     def blocks(self) -> list[str]:
@@ -115,21 +113,124 @@ class SurgicalConfig(PeftConfig):
         """`delta_dtype` as a `torch.dtype` (`None`: each tensor keeps its own)."""
         return getattr(torch, self.delta_dtype) if self.delta_dtype else None
 
+    @property
+    def saved_modules(self) -> list[str] | None:
+        """For a config read by `from_pretrained`, the modules its weights file holds deltas for (else `None`)."""
+        return getattr(self, "_saved_modules", None)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The fields of a saved config, checked: a problem raises an `InputError` that names the file and the field.
+        `verify_base` is dropped: only the caller may skip the base check."""
+        path = Path(path_json_file)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(f"{path} is not a readable JSON file: {error}") from error
+        if not isinstance(values, dict):
+            raise InputError(f"{path} must hold a JSON object (a PEFT config), not a {type(values).__name__}.")
+        if values.get("peft_type") != PeftType.SURGICAL.value:
+            raise InputError(
+                f"{path}: peft_type is {values.get('peft_type', '<missing>')!r}, a surgical adapter's is 'SURGICAL'."
+            )
+        values.pop("verify_base", None)
+        values.pop("runtime_config", None)  # a runtime-only PEFT setting, as PEFT's own reader does
+        try:
+            check_fields(values)
+        except InputError as error:
+            raise InputError(f"{path}: {error}") from error
+        return values
+
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
     ) -> SurgicalConfig:
-        """`PeftConfig.from_pretrained`; for a local adapter it also checks that the weights file is complete, so that
-        `PeftModel.from_pretrained` (which loads the config first) refuses a corrupt file before it changes the model.
-        """
+        """`PeftConfig.from_pretrained`, checked before `PeftModel.from_pretrained` (which loads the config first)
+        changes the model: the config's fields, and the whole weights file (complete, finite and, for a file sealed by
+        `save_adapter`, its checksum; the fields it records win over an `adapter_config.json` that disagrees)."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        weights = Path(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
-        if weights.is_file():
-            check_adapter_file(weights)
+        weights = _weights_file(Path(pretrained_model_name_or_path), subfolder, kwargs)
+        saved = read_adapter_file(weights)
+        if saved.record is not None:
+            config._use_record(saved.record, weights)
+        modules = {key.removeprefix(KEY_PREFIX).rpartition(".")[0] for key in saved.keys}
+        config._saved_modules = sorted(path for path in modules if not is_under(path, config.modules_to_save or []))
         return config
+
+    def _use_record(self, record: Mapping[str, Any], weights: Path) -> None:
+        try:
+            check_fields(record)
+        except InputError as error:
+            raise InputError(f"{weights}: the config fields it records: {error}") from error
+        differing = [name for name in RECORDED_FIELDS if name in record and getattr(self, name) != record[name]]
+        if differing:
+            warnings.warn(
+                f"{weights.with_name(CONFIG_NAME)} disagrees with {weights} on {', '.join(differing)}; using what "
+                "the weights file recorded when saved (an edited config, or a save interrupted between renames).",
+                stacklevel=3,
+            )
+        for name in differing:
+            setattr(self, name, record[name])
 
     def to_dict(self) -> dict[str, Any]:
         """The saved form: everything but `verify_base`, which is a loading-time choice."""
         output = super().to_dict()
         output.pop("verify_base", None)
         return output
+
+
+def _weights_file(path: Path, subfolder: str | None, kwargs: Mapping[str, Any]) -> Path:
+    """The adapter's `adapter_model.safetensors`: in the local directory, or downloaded (cached) from the Hub."""
+    directory = path / (subfolder or "")
+    if (directory / CONFIG_NAME).is_file():
+        if (directory / SAFETENSORS_WEIGHTS_NAME).is_file():
+            return directory / SAFETENSORS_WEIGHTS_NAME
+        found = f"only {WEIGHTS_NAME} (a pickle, never loaded)" if (directory / WEIGHTS_NAME).exists() else "none"
+        raise InputError(f"{directory} holds no {SAFETENSORS_WEIGHTS_NAME} (found {found}): an incomplete adapter.")
+    hub_kwargs, _, _ = SurgicalConfig._split_kwargs(dict(kwargs))
+    hub_kwargs.pop("subfolder", None)
+    try:
+        return Path(hf_hub_download(str(path), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs))
+    except Exception as error:  # huggingface_hub raises many types: not found, offline, no such repository
+        raise InputError(f"Cannot find {SAFETENSORS_WEIGHTS_NAME} for the adapter {path}: {error}") from error
+
+
+def _check_patterns(name: str, value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise InputError(f"{name} is not a valid regular expression: {value!r} ({error}).") from error
+    elif value is not None and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+        raise InputError(f"{name} must be a regex string, a list of module names or null, got {value!r:.100}.")
+
+
+def check_fields(values: Mapping[str, Any]) -> None:
+    """Raise an `InputError` naming the first of the config fields in `values` whose value is invalid.
+
+    Example:
+        >>> check_fields({"target_modules": "(["})
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: target_modules is not a valid regular expression: '([' (...).
+    """
+    block = values.get("block")
+    valid_list = isinstance(block, list) and block and all(isinstance(name, str) for name in block)
+    if block is not None and not isinstance(block, str) and not valid_list:
+        raise InputError(f"`block` must be a block name or a non-empty list of them, got {block!r:.100}.")
+    for name in ("target_modules", "exclude_modules"):
+        _check_patterns(name, values.get(name))
+    to_save = values.get("modules_to_save")
+    if to_save is not None and not (isinstance(to_save, list) and all(isinstance(item, str) for item in to_save)):
+        raise InputError(f"modules_to_save must be a list of module names or null, got {to_save!r:.100}.")
+    if values.get("delta_dtype") not in (None, *DELTA_DTYPES):
+        raise InputError(f"Unknown delta_dtype {values['delta_dtype']!r}. Valid: None, {', '.join(DELTA_DTYPES)}.")
+    if values.get("base_fingerprint") is not None:
+        check_fingerprint_format(values["base_fingerprint"])
+    if values.get("auto_criterion", CRITERIA.names[0]) not in CRITERIA.names:
+        raise InputError(f"Unknown auto_criterion {values['auto_criterion']!r}. Valid: {', '.join(CRITERIA.names)}.")
+    top_k = values.get("auto_top_k", 1)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InputError(f"auto_top_k must be an int of at least 1, got {top_k!r}.")
+    if not isinstance(values.get("verify_base", True), bool):
+        raise InputError(f"verify_base must be True or False, got {values['verify_base']!r}.")

@@ -22,12 +22,13 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["check_fingerprint", "fingerprint"]
+__all__ = ["check_fingerprint", "check_fingerprint_format", "fingerprint", "hash_tensor"]
 
 _FINGERPRINT_DIGEST_CHARS = 16
 
 
-def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+def hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Feed `name`, the dtype, the shape and the bytes of `tensor` to the hashlib object `digest`."""
     tensor = tensor.detach().to("cpu").contiguous()
     digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -41,11 +42,34 @@ def fingerprint(model_name: str, block_tensors: Mapping[str, Mapping[str, torch.
     for block, tensors in block_tensors.items():
         digest = hashlib.sha256()
         for name in sorted(tensors):
-            _hash_tensor(digest, name, tensors[name])
+            hash_tensor(digest, name, tensors[name])
             if tensors[name].is_floating_point():
                 dtypes.add(str(tensors[name].dtype).removeprefix("torch."))
         blocks[block] = digest.hexdigest()[:_FINGERPRINT_DIGEST_CHARS]
     return {"model": model_name, "dtypes": sorted(dtypes), "blocks": blocks}
+
+
+def check_fingerprint_format(value: Any) -> None:
+    """Raise an `InputError` unless `value` has the shape `fingerprint` returns (e.g. after a config file was edited).
+
+    Example:
+        >>> check_fingerprint_format("garbage")
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: base_fingerprint must be ... got 'garbage'.
+    """
+    expected = '{"model": <class name>, "dtypes": [<dtype>, ...], "blocks": {<block>: <hex digest>, ...}}'
+    blocks = value.get("blocks") if isinstance(value, dict) else None
+    dtypes = value.get("dtypes", []) if isinstance(value, dict) else None
+    if not (
+        isinstance(value, dict)
+        and isinstance(value.get("model"), str)
+        and isinstance(blocks, dict)
+        and all(isinstance(name, str) and isinstance(digest, str) for name, digest in blocks.items())
+        and isinstance(dtypes, list)
+        and all(isinstance(dtype, str) for dtype in dtypes)
+    ):
+        raise InputError(f"base_fingerprint must be {expected}, got {value!r:.200}.")
 
 
 def check_fingerprint(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +23,7 @@ from ._internals import (
 from .config import SurgicalConfig
 from .fingerprint import check_fingerprint, fingerprint
 from .layer import SurgicalLayer, owned_tensors
-from .serialization import KEY_PREFIX, check_delta_state_dict
+from .serialization import KEY_PREFIX, check_delta_state_dict, check_finite
 
 __all__ = ["SurgicalModel"]
 
@@ -73,7 +75,13 @@ class SurgicalModel(BaseTuner):
         config: SurgicalConfig = self.peft_config[adapter_name]
         blocks = list_blocks(model)
         current = self._fingerprint(model, blocks, config)
-        if config.base_fingerprint is not None and config.verify_base:  # first: another model has other blocks
+        saved = config.base_fingerprint is not None or config.saved_modules is not None  # weights to come from a file
+        if saved and config.verify_base:  # first: another model has other blocks
+            if config.base_fingerprint is None:
+                raise InputError(
+                    "This adapter's config records no base_fingerprint (was adapter_config.json edited?), so the base "
+                    "it was trained on cannot be checked. To load it anyway, pass `verify_base=False`."
+                )
             check_fingerprint(config.base_fingerprint, current)
         self._resolve_blocks(config, blocks)
         self._pending_targets = []
@@ -111,7 +119,7 @@ class SurgicalModel(BaseTuner):
                 if name in self.peft_config:
                     self.peft_config[name].inference_mode = mode
         self._adapter_modules[adapter_name] = owners
-        if config.base_fingerprint is not None:
+        if saved:
             self._awaiting_weights.add(adapter_name)
         config.base_fingerprint = config.base_fingerprint or current
         self._activate(self.active_adapters)
@@ -180,6 +188,14 @@ class SurgicalModel(BaseTuner):
     ) -> None:
         # Nothing is replaced: the matched module is tuned in place. Layers are created once all matches are known.
         self._pending_targets.append(current_key)
+
+    def _check_target_module_exists(self, peft_config: SurgicalConfig, key: str) -> bool | re.Match[str] | None:
+        # A saved adapter's regex is never run: its weights file names the modules it tunes, and a regex from a file
+        # could take forever (catastrophic backtracking, e.g. "(.+)+Z") on every module name of a large model.
+        patterns = (peft_config.target_modules, peft_config.exclude_modules)
+        if peft_config.saved_modules is not None and any(isinstance(pattern, str) for pattern in patterns):
+            return key in peft_config.saved_modules
+        return super()._check_target_module_exists(peft_config, key)
 
     def _prepare_adapter_config(self, peft_config: SurgicalConfig, model_config: dict) -> SurgicalConfig:
         return peft_config
@@ -388,8 +404,7 @@ class SurgicalModel(BaseTuner):
         statistics) keep their dtype: they are tiny, and a shift can move a running variance by orders of magnitude,
         which bf16 deltas round badly (measured in benchmarks/shifts.py)."""
         tuner = cls._tuner_of(model)
-        dtype = config.delta_torch_dtype
-        result = {}
+        deltas, parameters = {}, set()
         for path in tuner._adapter_modules[adapter_name]:
             layer = tuner._layer(path)
             # Under FSDP or DeepSpeed the gathered `state_dict` holds the full tensors; the module may hold shards.
@@ -399,9 +414,21 @@ class SurgicalModel(BaseTuner):
                 if f"{KEY_PREFIX}{path}.{name}" in state_dict
             }
             for name, delta in layer.delta(adapter_name, live).items():
-                is_parameter = name in layer.module._parameters
-                cast = dtype if dtype is not None and is_parameter and delta.is_floating_point() else delta.dtype
-                result[f"{KEY_PREFIX}{path}.{name}"] = delta.to(cast).contiguous()
+                deltas[f"{KEY_PREFIX}{path}.{name}"] = delta
+                if name in layer.module._parameters and delta.is_floating_point():
+                    parameters.add(f"{KEY_PREFIX}{path}.{name}")
+        check_finite(deltas, f"Adapter {adapter_name!r} was not saved: its weights")
+        dtype = config.delta_torch_dtype
+        result = {
+            key: delta.to(dtype if dtype is not None and key in parameters else delta.dtype).contiguous()
+            for key, delta in deltas.items()
+        }
+        overflowed = sorted(key for key in parameters if not bool(torch.isfinite(result[key]).all()))
+        if overflowed:
+            raise InputError(
+                f"Adapter {adapter_name!r} was not saved: its deltas overflow delta_dtype={config.delta_dtype!r} in "
+                f"{', '.join(overflowed[:3])}. Use delta_dtype='bfloat16' (float32's range) or None."
+            )
         return result
 
     @classmethod
@@ -423,6 +450,8 @@ class SurgicalModel(BaseTuner):
         deltas = {key: tensor for key, tensor in state_dict.items() if key not in full}
         try:
             check_delta_state_dict(deltas, tuner._adapter_tensors(adapter_name), config.delta_torch_dtype)
+            check_finite(state_dict, "The adapter")
+            tuner._check_running_variances(adapter_name, deltas)
         except ValueError:
             if adapter_name in tuner._awaiting_weights:
                 tuner._forget(adapter_name)
@@ -432,6 +461,16 @@ class SurgicalModel(BaseTuner):
             layer = tuner._layer(path)
             layer.set_delta(adapter_name, {name: deltas[f"{KEY_PREFIX}{path}.{name}"] for name in layer.base})
         return full
+
+    def _check_running_variances(self, adapter_name: str, deltas: Mapping[str, torch.Tensor]) -> None:
+        """Raise an `InputError` if `deltas` would give a running variance (BatchNorm) a negative value."""
+        negative = []
+        for path in self._adapter_modules[adapter_name]:
+            base, key = self._layer(path).base, f"{KEY_PREFIX}{path}.running_var"
+            if "running_var" in base and bool((base["running_var"] + deltas[key] < 0).any()):
+                negative.append(key)
+        if negative:
+            raise InputError(f"The adapter gives a negative running variance to {', '.join(negative[:3])}.")
 
     def _forget(self, adapter_name: str) -> None:
         """Remove an adapter that could not be added or loaded, leaving the model as it was before it was added."""
