@@ -50,6 +50,10 @@ class SurgicalConfig(PeftConfig):
         auto_criterion: how `block="auto"` ranks the blocks: `"rgn"` (Auto-RGN), `"snr"` (Auto-SNR) or `"sweep"`;
             see `surgical_peft.rank_blocks`.
         auto_top_k: how many of the best-ranked blocks `block="auto"` tunes.
+        init_weights: `True` (default): a new adapter starts from the base weights (zero deltas), so the model computes
+            exactly as before; `False`: small random deltas (noise of 2% of each parameter tensor's standard deviation,
+            BatchNorm statistics untouched, from torch's global RNG), PEFT's convention for a non-identity adapter
+            in tests. Adapters saved without the field load with `True`.
 
     Example:
         >>> from surgical_peft import SurgicalConfig
@@ -82,6 +86,9 @@ class SurgicalConfig(PeftConfig):
         default="rgn", metadata={"help": f"How block='auto' ranks blocks, one of {CRITERIA.names}."}
     )
     auto_top_k: int = field(default=1, metadata={"help": "How many top-ranked blocks block='auto' tunes."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: a new adapter starts at the base weights; False: small random deltas."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +105,8 @@ class SurgicalConfig(PeftConfig):
             raise InputError(f"Unknown auto_criterion {self.auto_criterion!r}. Valid: {', '.join(CRITERIA.names)}.")
         if isinstance(self.auto_top_k, bool) or not isinstance(self.auto_top_k, int) or self.auto_top_k < 1:
             raise InputError(f"auto_top_k must be an int of at least 1, got {self.auto_top_k!r}.")
+        if not isinstance(self.init_weights, bool):
+            raise InputError(f"init_weights must be True or False, got {self.init_weights!r}.")
         if self.delta_dtype not in (None, *DELTA_DTYPES):
             raise InputError(f"Unknown delta_dtype {self.delta_dtype!r}. Valid: None, {', '.join(DELTA_DTYPES)}.")
         if isinstance(self.target_modules, (list, tuple, set)):
