@@ -52,6 +52,9 @@ class SurgicalModel(BaseTuner):
     prefix: str = "surgical_"
     tuner_layer_cls = SurgicalLayer
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}  # blocks are resolved from structure instead
+    # The base snapshots and stashed deltas live on the tuner, not in the model: PEFT's `inject_adapter_in_model`,
+    # which returns the bare model, refuses such tuners with a message that says to use `get_peft_model`.
+    uses_shared_state: ClassVar[bool] = True
 
     def _pre_injection_hook(self, model: nn.Module, config: SurgicalConfig, adapter_name: str) -> None:
         # Called by BaseTuner.__init__ once nn.Module is set up and before the first adapter is injected.

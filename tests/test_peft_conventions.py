@@ -1,4 +1,5 @@
-"""`init_weights` as in PEFT (True: zero deltas, False: small random ones) and the layer attributes PEFT reads."""
+"""PEFT's conventions that its own test suite checks (`.ci/peft_conformance.py`): `init_weights` (True: zero deltas,
+False: small random ones), the tuner-layer attributes, the merged state, and direct injection refused clearly."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -126,3 +127,45 @@ def test_layers_expose_the_base_layer_sizes() -> None:
     sizes = {key: (layer.in_features, layer.out_features) for key, layer in layers.items()}
     assert sizes == {"emb": (7, 4), "conv1d": (4, 6), "conv": (6, 5), "norm": (None, None), "lin": (5, 3)}
     assert all(layer.active_adapters == ["default"] and layer.adapter_layer_names == () for layer in layers.values())
+
+
+def test_merged_state_as_in_peft(make_model: Callable[..., nn.Module], logits_of: Callable[..., Any]) -> None:
+    peft_model = get_peft_model(make_model("resnet-basic"), SurgicalConfig(block=BLOCK, init_weights=False))
+    peft_model.add_adapter("other", SurgicalConfig(block="stage2"))
+    tuned_logits = logits_of(peft_model)
+    peft_model.merge_adapter()
+    assert peft_model.get_model_status().merged_adapters == ["default"]
+    with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+        peft_model.merge_adapter()
+    with pytest.raises(InputError, match=r"Cannot delete adapter\(s\) \['default'\] while they are merged"):
+        peft_model.delete_adapter("default")
+    peft_model.delete_adapter("other")  # not merged: deleting it keeps the merge
+    assert peft_model.get_model_status().merged_adapters == ["default"]
+    assert torch.equal(logits_of(peft_model), tuned_logits)  # merging never changes the weights
+    peft_model.unmerge_adapter()
+    assert peft_model.get_model_status().merged_adapters == []
+    assert torch.equal(logits_of(peft_model), tuned_logits)
+    peft_model.delete_adapter("default")
+    assert not peft_model.peft_config
+
+
+def test_switching_away_ends_the_merge(make_model: Callable[..., nn.Module]) -> None:
+    peft_model = get_peft_model(make_model("resnet-basic"), SurgicalConfig(block=BLOCK))
+    peft_model.add_adapter("other", SurgicalConfig(block="stage2"))
+    peft_model.merge_adapter()
+    with peft_model.disable_adapter():
+        assert peft_model.get_model_status().merged_adapters == []
+    peft_model.merge_adapter(["other"])
+    assert peft_model.get_model_status().merged_adapters == ["other"]
+    peft_model.set_adapter("default")
+    assert peft_model.get_model_status().merged_adapters == []
+
+
+def test_direct_injection_is_refused(
+    make_model: Callable[..., nn.Module], take_snapshot: Callable[..., Any], assert_untouched: Callable[..., None]
+) -> None:
+    model = make_model("resnet-basic")
+    before = take_snapshot(model)
+    with pytest.raises(ValueError, match=r"shared state.*get_peft_model"):
+        inject_adapter_in_model(SurgicalConfig(block=BLOCK), model)
+    assert_untouched(model, before)
