@@ -12,11 +12,12 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 from aenum import extend_enum
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter, _get_in_out_features
 from peft.utils import PeftType, register_peft_method
 from peft.utils.error import NoMatchingPeftModuleError
 from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter
@@ -30,6 +31,7 @@ __all__ = [
     "NoMatchingPeftModuleError",
     "add_peft_type",
     "delete_auxiliary_adapter",
+    "in_out_features",
     "persistent_buffer_names",
     "register_method",
     "set_auxiliary_adapter",
@@ -43,6 +45,17 @@ delete_auxiliary_adapter = _delete_auxiliary_adapter
 
 set_auxiliary_adapter = _set_adapter
 """Switches PEFT's `modules_to_save` wrappers to other adapters (`peft.utils.other`)."""
+
+
+def in_out_features(module: nn.Module) -> tuple[int | None, int | None]:
+    """The input and output sizes PEFT's tuner layers expose for `module` (`peft.tuners.tuners_utils`), e.g. a Conv2d's
+    channels or an Embedding's vocabulary and width; `(None, None)` for modules without them (LayerNorm, BatchNorm)."""
+    try:
+        with warnings.catch_warnings():  # it warns "Unsupported layer type" for modules without sizes
+            warnings.simplefilter("ignore", UserWarning)
+            return _get_in_out_features(module)
+    except ValueError:  # a MultiheadAttention with different query, key and value sizes
+        return None, None
 
 
 def persistent_buffer_names(module: nn.Module) -> Iterator[str]:

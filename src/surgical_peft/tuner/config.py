@@ -58,6 +58,10 @@ class SurgicalConfig(PeftConfig):
         auto_criterion: how `block="auto"` ranks the blocks: `"rgn"` (Auto-RGN), `"snr"` (Auto-SNR) or `"sweep"`;
             see `surgical_peft.rank_blocks`.
         auto_top_k: how many of the best-ranked blocks `block="auto"` tunes.
+        init_weights: `True` (default): a new adapter starts from the base weights (zero deltas), so the model computes
+            exactly as before; `False`: small random deltas (noise of 2% of each parameter tensor's standard deviation,
+            BatchNorm statistics untouched, from torch's global RNG), PEFT's convention for a non-identity adapter
+            in tests. Adapters saved without the field load with `True`.
 
     Example:
         >>> from surgical_peft import SurgicalConfig
@@ -90,6 +94,9 @@ class SurgicalConfig(PeftConfig):
         default="rgn", metadata={"help": f"How block='auto' ranks blocks, one of {CRITERIA.names}."}
     )
     auto_top_k: int = field(default=1, metadata={"help": "How many top-ranked blocks block='auto' tunes."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: a new adapter starts at the base weights; False: small random deltas."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -232,5 +239,7 @@ def check_fields(values: Mapping[str, Any]) -> None:
     top_k = values.get("auto_top_k", 1)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InputError(f"auto_top_k must be an int of at least 1, got {top_k!r}.")
+    if not isinstance(values.get("init_weights", True), bool):
+        raise InputError(f"init_weights must be True or False, got {values['init_weights']!r}.")
     if not isinstance(values.get("verify_base", True), bool):
         raise InputError(f"verify_base must be True or False, got {values['verify_base']!r}.")

@@ -39,9 +39,12 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ._internals import BaseTunerLayer, persistent_buffer_names
+from ._internals import BaseTunerLayer, in_out_features, persistent_buffer_names
 
-__all__ = ["SurgicalLayer"]
+__all__ = ["RANDOM_INIT_SCALE", "SurgicalLayer"]
+
+RANDOM_INIT_SCALE = 0.02
+"""Standard deviation of `init_weights=False`'s random deltas, relative to each tensor's own."""
 
 
 def owned_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -75,6 +78,9 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         self.stashed: dict[str, dict[str, torch.Tensor]] = {}
         self.adapters: set[str] = set()
         self.loaded: str | None = None
+        self.merged_adapters: list[str] = []  # PEFT's view: the loaded adapter once `merge_adapter` declared it
+        # The sizes PEFT's layers expose (None where the module has none, e.g. a norm).
+        self.in_features, self.out_features = in_out_features(module)
 
     # BaseTunerLayer's view, for PEFT's status tools: `active_adapter` and `disable_adapters` report the tuner's state
     # (set through `set_status`), the same on every layer as PEFT expects, whether or not this layer's module belongs
@@ -103,6 +109,19 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
     def add_adapter(self, adapter_name: str) -> None:
         """Register an adapter with a zero delta."""
         self.adapters.add(adapter_name)
+
+    def init_random(self, adapter_name: str, scale: float = RANDOM_INIT_SCALE) -> None:
+        """Give `adapter_name` small random deltas (PEFT's `init_weights=False`): each floating-point parameter gets
+        noise from N(0, (scale * std)^2), with `std` the base tensor's standard deviation (1 where it is constant, such
+        as a LayerNorm's ones), drawn from torch's global RNG; buffers (BatchNorm statistics) keep the base values."""
+        parameters = dict(self.module.named_parameters(recurse=False))
+        delta = {}
+        for name, base in self.base.items():
+            delta[name] = torch.zeros_like(base)
+            if name in parameters and base.is_floating_point():
+                std = base.float().std().item() if base.numel() > 1 else 0.0
+                delta[name] = torch.randn(base.shape).to(base.dtype) * scale * (std if std > 0 else 1.0)
+        self.set_delta(adapter_name, delta)
 
     def delta(self, adapter_name: str, live: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """`tuned - base` of `adapter_name`, on the CPU; `live` overrides the module's tensors (e.g. gathered ones)."""

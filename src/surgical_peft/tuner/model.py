@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -53,6 +54,9 @@ class SurgicalModel(BaseTuner):
     prefix: str = "surgical_"
     tuner_layer_cls = SurgicalLayer
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}  # blocks are resolved from structure instead
+    # The base snapshots and stashed deltas live on the tuner, not in the model: PEFT's `inject_adapter_in_model`,
+    # which returns the bare model, refuses such tuners with a message that says to use `get_peft_model`.
+    uses_shared_state: ClassVar[bool] = True
 
     def _pre_injection_hook(self, model: nn.Module, config: SurgicalConfig, adapter_name: str) -> None:
         # Called by BaseTuner.__init__ once nn.Module is set up and before the first adapter is injected.
@@ -121,6 +125,9 @@ class SurgicalModel(BaseTuner):
         self._adapter_modules[adapter_name] = owners
         if saved:
             self._awaiting_weights.add(adapter_name)
+        elif not config.init_weights:  # a new adapter (a loaded one gets its saved deltas instead)
+            for path in owners:
+                self._layer(path).init_random(adapter_name)
         config.base_fingerprint = config.base_fingerprint or current
         self._activate(self.active_adapters)
 
@@ -221,6 +228,8 @@ class SurgicalModel(BaseTuner):
         for key, layer in self.surgical_layers.items():
             layer.load(active if from_key(key) in tuned else None)
             layer.set_status(adapter_names, self._adapters_enabled)
+            if layer.loaded not in layer.merged_adapters:  # switched away: the merge is over
+                layer.merged_adapters = []
         trainable = active is not None and not self.peft_config[active].inference_mode
         training = self._training_modules(active)
         auxiliary = [name for name, _ in self._auxiliary_modules()]
@@ -304,6 +313,10 @@ class SurgicalModel(BaseTuner):
         """Delete `adapter_name`; if it was active, the first remaining adapter becomes active."""
         if adapter_name not in self.peft_config:
             raise InputError(f"Adapter {adapter_name!r} does not exist. Available: {list(self.peft_config)}.")
+        if any(adapter_name in layer.merged_adapters for layer in self.surgical_layers.values()):  # PEFT's message
+            raise InputError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first."
+            )
         del self.peft_config[adapter_name]
         self._awaiting_weights.discard(adapter_name)
         for path in self._adapter_modules.pop(adapter_name):
@@ -319,12 +332,19 @@ class SurgicalModel(BaseTuner):
     # ------------------------------------------------------------------------------------- merging and unloading
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """The active adapter's weights are always in the model, so merging only switches to `adapter_names`;
-        `safe_merge` checks that they are finite."""
+        `safe_merge` checks that they are finite. As in PEFT, the layers then report the adapter as merged (until
+        `unmerge_adapter` or a switch), merging it again warns, and a merged adapter cannot be deleted."""
         if adapter_names:  # switch without changing whether the adapter trains
             modes = {self.peft_config[name].inference_mode for name in adapter_names if name in self.peft_config}
             self.set_adapter(adapter_names, inference_mode=modes == {True})
         if safe_merge:
             self._check_finite()
+        active = self._loaded_adapter
+        layers = [self._layer(path) for path in self._adapter_modules.get(active, [])] if active is not None else []
+        if layers and all(layer.merged_adapters == [active] for layer in layers):
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+        for layer in layers:
+            layer.merged_adapters = [active]
 
     def _check_finite(self) -> None:
         """Raise a `ValueError` if the weights of the modules the active adapter tunes hold NaN or inf."""
@@ -339,7 +359,10 @@ class SurgicalModel(BaseTuner):
             raise InputError(f"NaNs detected in the weights of adapter {active!r} ({', '.join(broken[:3])}).")
 
     def unmerge_adapter(self) -> None:
-        """Nothing to undo: merging never changes more than which adapter is active."""
+        """Nothing to undo in the weights (merging never changes more than which adapter is active); the layers stop
+        reporting the adapter as merged."""
+        for layer in self.surgical_layers.values():
+            layer.merged_adapters = []
 
     def _unload_and_optionally_merge(
         self,
