@@ -18,6 +18,7 @@ from torch import nn
 from surgical_peft import SurgicalConfig, list_blocks
 from surgical_peft.blocks import unwrap_model
 from surgical_peft.blocks.resolvers.timm import loose_tensors
+from surgical_peft.hub import render_model_card
 
 timm = pytest.importorskip("timm")
 
@@ -150,3 +151,19 @@ def test_round_trip_after_training_in_train_mode(make: Callable[[int], nn.Module
     torch.testing.assert_close(logits(loaded), tuned, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=block):  # another checkpoint's weights are refused, naming the block
         PeftModel.from_pretrained(make(1), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("make", "loader"),
+    [
+        (wrapper, 'AutoModelForImageClassification.from_pretrained("timm/resnet18.a1_in1k")'),
+        (lambda: create("resnet18"), 'timm.create_model("hf-hub:timm/resnet18.a1_in1k", pretrained=True)'),
+    ],
+    ids=["wrapper", "timm"],
+)
+def test_model_card_loads_the_base_as_it_was_loaded(make: Callable[[], nn.Module], loader: str) -> None:
+    base = make()
+    base.name_or_path = "timm/resnet18.a1_in1k"  # what loading by Hub id records
+    card = render_model_card(get_peft_model(base, SurgicalConfig(block="stage4")), repo_id="me/resnet18-stage4")
+    assert "pipeline_tag: image-classification" in card.splitlines()
+    assert f"base = {loader}" in card.splitlines()
