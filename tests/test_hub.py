@@ -9,17 +9,20 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import transformers
 from conftest import build_model
 from huggingface_hub import ModelCard
 from peft import get_peft_model
+from torch import nn
 
 from surgical_peft import SurgicalConfig
-from surgical_peft.hub import render_model_card
+from surgical_peft.hub import BASE_MODEL_PLACEHOLDER, render_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -127,6 +130,104 @@ def test_card_front_matter_recipe_and_metrics() -> None:
 
     local = render_model_card(model, dataset=str(ROOT))  # a local dataset is described, not listed
     assert "datasets" not in front_matter(local.encode()) and "a local dataset" in local
+
+
+def text_model(model_class: type[nn.Module], **config: object) -> nn.Module:
+    """A tiny BERT or GPT-2 task model (offline)."""
+    if model_class is transformers.GPT2LMHeadModel:
+        return model_class(
+            transformers.GPT2Config(
+                vocab_size=20, n_embd=8, n_layer=2, n_head=1, bos_token_id=0, eos_token_id=0, **config
+            )
+        )
+    return model_class(
+        transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2, num_attention_heads=1, **config)
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "block", "pipeline_tag", "loader"),
+    [
+        (lambda: build_model("vit"), "layer1", "image-classification", "AutoModelForImageClassification"),
+        (
+            lambda: text_model(transformers.BertForSequenceClassification),
+            "layer1",
+            "text-classification",
+            "AutoModelForSequenceClassification",
+        ),
+        (lambda: text_model(transformers.GPT2LMHeadModel), "layer2", "text-generation", "AutoModelForCausalLM"),
+    ],
+    ids=["vit", "bert", "gpt2"],
+)
+def test_card_follows_the_task(make: Callable[[], nn.Module], block: str, pipeline_tag: str, loader: str) -> None:
+    base = make()
+    base.name_or_path = "someone/base-model"
+    card = render_model_card(get_peft_model(base, SurgicalConfig(block=block)), repo_id="me/adapter")
+    assert front_matter(card.encode())["pipeline_tag"] == pipeline_tag
+    assert front_matter(card.encode())["base_model"] == "someone/base-model"
+    assert f"from transformers import {loader}\n" in card
+    assert f'base = {loader}.from_pretrained("someone/base-model")' in card
+    assert "AutoModelForImageClassification" not in card or pipeline_tag == "image-classification"
+
+
+def test_card_license_labels_and_eval_size() -> None:
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    base = text_model(
+        transformers.BertForSequenceClassification, id2label=labels, label2id={v: k for k, v in labels.items()}
+    )
+    base.name_or_path = "google-bert/bert-base-uncased"
+    model = get_peft_model(base, SurgicalConfig(block="layer2"))
+    card = render_model_card(model, metrics={"eval_accuracy": 0.5}, license="apache-2.0", eval_size=321)
+    assert front_matter(card.encode())["license"] == "apache-2.0"
+    assert "Labels (3): negative, neutral, positive." in card.splitlines()
+    assert "Metrics measured on 321 evaluation examples." in card.splitlines()
+    default = render_model_card(get_peft_model(build_model("resnet-basic"), SurgicalConfig(block="head")))
+    assert "Labels" not in default  # transformers' LABEL_0.. names say nothing
+    assert "license" not in front_matter(default.encode()) and "evaluation examples" not in default
+
+
+def test_local_base_warns_and_leaves_a_placeholder(tmp_path: Path) -> None:
+    base = build_model("resnet-basic")
+    base.name_or_path = str(tmp_path)  # trained from a local copy: no Hub id to name
+    model = get_peft_model(base, SurgicalConfig(block="stage1"))
+    with pytest.warns(UserWarning, match="local path"):
+        card = render_model_card(model, repo_id="me/resnet-stage1")
+    assert "base_model" not in front_matter(card.encode())
+    assert f'AutoModelForImageClassification.from_pretrained("{BASE_MODEL_PLACEHOLDER}")' in card
+    assert f"local path (`{tmp_path}`; **TODO**" in card
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        render_model_card(model)  # a card for a local save only: no warning
+
+
+# Run in a fresh process: huggingface_hub reads HF_ENDPOINT when it is imported.
+PUSH_API = """
+import sys, torch, surgical_peft
+from peft import get_peft_model
+from transformers import ResNetConfig, ResNetForImageClassification
+from surgical_peft.hub import push_adapter
+
+base = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+base.name_or_path = "microsoft/resnet-18"
+model = get_peft_model(base, surgical_peft.SurgicalConfig(block="stage1"))
+print(push_adapter(model, "user/tiny-stage1", card={"metrics": {"eval_accuracy": 0.75}, "license": "mit"}))
+"""
+
+
+def test_push_adapter_renders_the_card_for_the_repository(hub: ThreadingHTTPServer, tmp_path: Path) -> None:
+    # `card` as render_model_card's arguments: the card names the repository, its full id included.
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}", "HF_TOKEN": "hf_test"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_DISABLE_TELEMETRY="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(PUSH_API)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (repo,) = hub.commits
+    readme = hub.commits[repo][0]["README.md"].decode()
+    assert readme.count(f"# {repo}\n") == 1 and f'PeftModel.from_pretrained(base, "{repo}")' in readme
+    assert "path/to/this/adapter" not in readme
+    assert front_matter(readme.encode())["license"] == "mit" and "| eval_accuracy | 0.75 |" in readme
 
 
 # Run in a fresh process: huggingface_hub reads HF_ENDPOINT when it is imported.

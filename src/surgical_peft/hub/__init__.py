@@ -2,8 +2,9 @@
 
 The card template is `model_card_template.md` beside this file (see `model_cards/README.md`); it is a Jinja template
 rendered by `huggingface_hub.ModelCard.from_template`, with YAML front matter holding `base_model`,
-`library_name: peft`, `tags` (`surgical-fine-tuning`, `block:<name>` for each tuned block, `shift:<name>`) and
-`datasets`, then the training recipe and a metrics table.
+`library_name: peft`, `license`, the `pipeline_tag` of the base model's task (`surgical_peft.hub.tasks`), `tags`
+(`surgical-fine-tuning`, `block:<name>` for each tuned block, `shift:<name>`) and `datasets`, then the label names,
+a loading snippet with the task's Auto class, the training recipe and a metrics table.
 
 `push_adapter` is the way to upload an adapter with this card. PEFT's own `model.push_to_hub(repo_id)` (transformers'
 `PushToHubMixin`) replaces the README.md that `save_pretrained` writes with the card already in the Hub repository,
@@ -26,7 +27,9 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,17 +37,32 @@ from typing import Any
 from .. import __version__
 from ..experiments.data import DIGITS
 from ..tuner import save_adapter
+from .tasks import task_of
 
-__all__ = ["TEMPLATE_PATH", "push_adapter", "render_model_card", "save_adapter_with_card"]
+__all__ = ["BASE_MODEL_PLACEHOLDER", "TEMPLATE_PATH", "push_adapter", "render_model_card", "save_adapter_with_card"]
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 """The model card template (Jinja, as `huggingface_hub.ModelCard.from_template` renders it)."""
 
 _TAG = "surgical-fine-tuning"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+BASE_MODEL_PLACEHOLDER = "TODO/base-model-hub-id"
+"""What a card shows in place of a base model that is no Hub id (a local path, or none recorded): replace it."""
+_MAX_LABELS = 20  # label names shown on a card; more are counted
 
 
 def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and name != DIGITS and not os.path.exists(name)
+    """Whether `name` reads as a Hub repository id (`"name"` or `"owner/name"`) and is no local path."""
+    return bool(name) and name != DIGITS and bool(_HUB_ID.fullmatch(name)) and not os.path.exists(name)
+
+
+def _label_names(model: Any, pipeline_tag: str | None) -> list[str]:
+    """A classifier's label names from its config; `[]` for other models and for transformers' `LABEL_<i>`."""
+    id2label = getattr(getattr(model.get_base_model(), "config", None), "id2label", None) or {}
+    names = [str(id2label[index]) for index in sorted(id2label)]
+    if not (pipeline_tag or "").endswith("classification") or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return []
+    return names
 
 
 def _describe_dataset(dataset: str | None) -> str | None:
@@ -73,8 +91,15 @@ def render_model_card(
     recipe: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     repo_id: str | None = None,
+    license: str | None = None,
+    eval_size: int | None = None,
 ) -> str:
     """The model card (README.md) of a surgical adapter, rendered from `TEMPLATE_PATH`.
+
+    The card's `pipeline_tag` and the Auto class of its usage snippet follow the base model's task
+    (`surgical_peft.hub.tasks`); `base_model` is the Hub id the base was loaded from. A base loaded from a local path
+    has no Hub id: the card shows `BASE_MODEL_PLACEHOLDER` instead, and a card for a Hub repository (`repo_id`
+    given) warns about it.
 
     Args:
         model: a `PeftModel` with a surgical adapter (its active adapter is described).
@@ -83,57 +108,85 @@ def render_model_card(
         recipe: training settings shown in the recipe table (strategy, learning rate, epochs, train-n, seed, ...).
         metrics: results shown in the metrics table (floats are shown with 4 significant digits).
         repo_id: the Hub repository the card is for (its title and the loading snippet).
+        license: the adapter's license, a Hub license id (e.g. `"apache-2.0"`).
+        eval_size: the number of examples the metrics were measured on.
 
     Example:
         >>> import torch
         >>> from peft import get_peft_model
         >>> from surgical_peft import SurgicalConfig
         >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), SurgicalConfig(target_modules=["0"]))
-        >>> "| eval_accuracy | 0.912 |" in render_model_card(model, metrics={"eval_accuracy": 0.912})
-        True
+        >>> card = render_model_card(model, metrics={"eval_accuracy": 0.912}, eval_size=500)
+        >>> "| eval_accuracy | 0.912 |" in card, "measured on 500 evaluation examples" in card
+        (True, True)
     """
-    import peft
-    import torch
-    import transformers
     from huggingface_hub import ModelCard, ModelCardData
 
     config = model.peft_config[model.active_adapter]
     blocks = config.blocks or list(config.target_modules or [])
-    base = config.base_model_name_or_path
+    base = config.base_model_name_or_path  # what the base was loaded from (PEFT records its `name_or_path`)
     hub_base = base if _is_hub_id(base) else None
+    if base and not hub_base and repo_id:
+        warnings.warn(
+            f"The base model was loaded from the local path {base!r}, which is no Hub id: the card for {repo_id} "
+            f"names {BASE_MODEL_PLACEHOLDER!r} instead; replace it with the base model's Hub id.",
+            stacklevel=2,
+        )
+    task = task_of(model.get_base_model())
     tags = [_TAG, *(f"block:{block}" for block in blocks), *([f"shift:{shift}"] if shift else [])]
     if hub_base:
         tags.append(f"base_model:adapter:{hub_base}")
     card_data = ModelCardData(
         base_model=hub_base,
         library_name="peft",
-        pipeline_tag="image-classification",
+        license=license,
+        pipeline_tag=task.pipeline_tag,
         tags=tags,
         datasets=[dataset] if _is_hub_id(dataset) else None,
     )
-    deltas = peft.get_peft_model_state_dict(model, save_embedding_layers=False)  # "auto" looks the base up online
-    sizes = [tensor.numel() * tensor.element_size() for tensor in deltas.values()]
-    versions = {
-        "surgical-peft": __version__,
-        "PEFT": peft.__version__,
-        "Transformers": transformers.__version__,
-        "PyTorch": torch.__version__,
-    }
+    labels = _label_names(model, task.pipeline_tag)
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
         model_id=repo_id,
         blocks=blocks,
         base_model=hub_base,
-        base_model_path=base or "path/to/base-model",
-        adapter_size=f"{len(sizes)} tensors, {_format_bytes(sum(sizes))}",
+        local_base=None if hub_base else base,
+        placeholder=BASE_MODEL_PLACEHOLDER,
+        import_line=task.import_line,
+        load_base=task.load(hub_base or BASE_MODEL_PLACEHOLDER),
+        adapter_size=_adapter_size(model),
         shift=shift,
         dataset_description=_describe_dataset(dataset),
+        labels=labels[:_MAX_LABELS],
+        num_labels=len(labels),
         recipe={name: _format(value) for name, value in (recipe or {}).items()},
         metrics={name: _format(value) for name, value in (metrics or {}).items()},
-        versions=versions,
+        eval_size=eval_size,
+        versions=_versions(),
     )
     return str(card)
+
+
+def _adapter_size(model: Any) -> str:
+    import peft
+
+    deltas = peft.get_peft_model_state_dict(model, save_embedding_layers=False)  # "auto" looks the base up online
+    sizes = [tensor.numel() * tensor.element_size() for tensor in deltas.values()]
+    return f"{len(sizes)} tensors, {_format_bytes(sum(sizes))}"
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "surgical-peft": __version__,
+        "PEFT": peft.__version__,
+        "Transformers": transformers.__version__,
+        "PyTorch": torch.__version__,
+    }
 
 
 def save_adapter_with_card(model: Any, directory: str | os.PathLike[str], card: str) -> Path:
@@ -156,20 +209,22 @@ def push_adapter(
     model: Any,
     repo_id: str,
     *,
-    card: str | None = None,
+    card: str | Mapping[str, Any] | None = None,
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload surgical fine-tuning adapter",
 ) -> str:
     """Upload the adapter of `model` with its model card to the Hub repository `repo_id` (created if needed).
 
-    The adapter is saved with the card (default: `render_model_card(model, repo_id=repo_id)`) into a temporary
-    directory, then uploaded in one commit with `huggingface_hub.HfApi.upload_folder`.
+    The adapter is saved with the card into a temporary directory, then uploaded in one commit with
+    `huggingface_hub.HfApi.upload_folder`.
 
     Args:
         model: a `PeftModel` with a surgical adapter.
         repo_id: `"user/name"`, or `"name"` in the token owner's namespace.
-        card: the README.md to upload, e.g. from `render_model_card` with the recipe and metrics.
+        card: the README.md to upload, as it is; or the keyword arguments of `render_model_card` (shift, dataset,
+            recipe, metrics, license, eval_size), rendered for the repository (its full id in the title and the
+            loading snippet); default: `render_model_card(model, repo_id=<the repository>)`.
         private: create the repository as private (ignored if it exists).
         token: a Hub token (default: the logged-in one, or `HF_TOKEN`).
         commit_message: the commit's message.
@@ -179,13 +234,14 @@ def push_adapter(
 
     Example (needs a Hub token and network)::
 
-        push_adapter(model, "me/resnet-stage1-noise", card=render_model_card(model, metrics={"accuracy": 0.9}))
+        push_adapter(model, "me/resnet-stage1-noise", card={"metrics": {"accuracy": 0.9}, "license": "apache-2.0"})
     """
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    card = card if card is not None else render_model_card(model, repo_id=repo_id)
+    if not isinstance(card, str):
+        card = render_model_card(model, **{**(card or {}), "repo_id": repo_id})
     with tempfile.TemporaryDirectory() as staging:
         folder = save_adapter_with_card(model, Path(staging) / "adapter", card)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)

@@ -98,6 +98,8 @@ class SurgicalModel(BaseTuner):
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
             pending = self._pending_targets  # PEFT reports nested matches too; the outermost ones cover the rest
+            if config.blocks:  # exact module paths: PEFT's suffix match of `conv1` would also take `layer1.0.conv1`
+                pending = [path for path in pending if path in config.target_modules]
             targets = [path for path in pending if not any(path.startswith(other + ".") for other in pending)]
             for target in targets:
                 for name, module in model.get_submodule(target).named_modules(prefix=target):

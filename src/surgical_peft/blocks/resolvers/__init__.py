@@ -7,7 +7,7 @@ answer; the generic fallback, last, answers for any model. Adding a family is ad
 
 Example:
     >>> [resolver.name for resolver in RESOLVERS]
-    ['transformers', 'generic']
+    ['timm', 'transformers', 'generic']
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..block_map import BlockEntry
 from .generic import GenericResolver
+from .timm import TimmResolver
 from .transformers import TransformersResolver
 
 __all__ = ["RESOLVERS", "BlockResolver"]
@@ -32,5 +33,5 @@ class BlockResolver(Protocol):
     def entries(self, model: nn.Module) -> list[BlockEntry] | None: ...
 
 
-RESOLVERS: tuple[BlockResolver, ...] = (TransformersResolver(), GenericResolver())
-"""The resolvers `list_blocks` asks, in order."""
+RESOLVERS: tuple[BlockResolver, ...] = (TimmResolver(), TransformersResolver(), GenericResolver())
+"""The resolvers `list_blocks` asks, in order (timm first: transformers' TimmWrapper is a transformers model)."""

@@ -86,8 +86,11 @@ def _outside_list(child: nn.Module, child_path: str, list_path: str, layers: nn.
 
 
 def _head(model: nn.Module, backbone: nn.Module) -> list[BlockEntry]:
+    """The task model's other parameterised children. Parameters tied to the backbone's (GPT-2's `lm_head` is its
+    `wte`) belong to the backbone's block: a head made only of them is no block of its own."""
+    tied = {id(parameter) for parameter in backbone.parameters()}
     head = [(name, child) for name, child in model.named_children() if child is not backbone]
-    head = [(name, child) for name, child in head if num_parameters(child) > 0]
+    head = [(name, child) for name, child in head if any(id(p) not in tied for p in child.parameters())]
     if not head:
         return []
     return [BlockEntry(HEAD, tuple(name for name, _ in head), sum(num_parameters(child) for _, child in head))]
