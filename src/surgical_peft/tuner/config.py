@@ -47,9 +47,9 @@ class SurgicalConfig(PeftConfig):
             adapter onto a different base raises an error that names the blocks that differ.
         verify_base: set to `False` to load an adapter onto a base whose fingerprint differs, e.g.
             `PeftModel.from_pretrained(model, path, verify_base=False)`. Never saved.
-        auto_criterion: how `block="auto"` ranks the blocks: `"rgn"` (Auto-RGN), `"snr"` (Auto-SNR) or `"sweep"`;
-            see `surgical_peft.rank_blocks`.
-        auto_top_k: how many of the best-ranked blocks `block="auto"` tunes.
+        auto_criterion: how `block="auto"` ranks the blocks: `"rgn"` (Auto-RGN), `"snr"` (Auto-SNR), `"sweep"`, or
+            `"greedy"` (a greedily grown block subset, tuned as chosen); see `surgical_peft.rank_blocks`.
+        auto_top_k: how many of the best-ranked blocks `block="auto"` tunes (not used by `"greedy"`).
 
     Example:
         >>> from surgical_peft import SurgicalConfig
