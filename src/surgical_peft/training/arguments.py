@@ -34,7 +34,8 @@ class FineTuneArguments:
 
     Args:
         strategy: one of `STRATEGIES.names` (`surgical_peft.training.strategies`).
-        blocks: the blocks to tune for `surgical` and `lp-ft` (see `surgical_peft.list_blocks`); `["auto"]` picks
+        blocks: the blocks to tune for `surgical`, `lp-ft`, `alternate` (at least two, one per epoch in turn) and
+            `gradual` (the blocks below the head, in forward order) (see `surgical_peft.list_blocks`); `["auto"]` picks
             the best block by Auto-RGN on the training data (`surgical_peft.select_blocks`); `["all"]` is full
             fine-tuning (`strategy="full"`).
         epochs: passes over the training set (for `lp-ft`, the fine-tuning phase).
