@@ -26,13 +26,15 @@ class BlockRanking:
     """Scores of a model's blocks under one criterion (higher is better), as `rank_blocks` returns them.
 
     Attributes:
-        criterion: `"rgn"`, `"snr"` or `"sweep"`.
+        criterion: `"rgn"`, `"snr"`, `"sweep"` or `"greedy"`.
         scores: block -> score, in forward order.
         num_parameters: block -> number of parameters.
         tensor_scores: parameter name -> score for `"rgn"` and `"snr"` (empty for `"sweep"`).
-        num_examples: target examples the scores were computed on (`"sweep"`: the held-out ones).
+        num_examples: target examples the scores were computed on (`"sweep"`, `"greedy"`: the held-out ones).
         seconds: wall-clock time the ranking took.
-        block_seconds: `"sweep"` only: block -> seconds its fine-tuning took.
+        block_seconds: `"sweep"`, `"greedy"`: block -> seconds its fine-tuning took (`"greedy"`: over all rounds).
+        chosen: `"greedy"` only: the block subset the criterion chose, in the order the blocks joined (they rank
+            first); `select_blocks` tunes it. Empty for the criteria that only score.
 
     Example:
         >>> ranking = BlockRanking("rgn", {"stage1": 0.2, "head": 0.5}, {"stage1": 1200, "head": 40})
@@ -52,6 +54,7 @@ class BlockRanking:
     num_examples: int = 0
     seconds: float = 0.0
     block_seconds: dict[str, float] = field(default_factory=dict)
+    chosen: list[str] = field(default_factory=list)
 
     @property
     def description(self) -> str:
@@ -103,6 +106,7 @@ class BlockRanking:
             "num_examples": self.num_examples,
             "seconds": self.seconds,
             "block_seconds": dict(self.block_seconds),
+            "chosen": list(self.chosen),
         }
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
@@ -120,16 +124,17 @@ class BlockRanking:
 
     def __str__(self) -> str:
         rank = self._ranks()
-        best = self.best(1)[0] if self.scores else None
+        marked = (self.chosen or self.best(1)[:1]) if self.scores else []
+        marker = "  <- chosen" if self.chosen else "  <- best"
         width = max([5, *(len(block) for block in self.scores)])
         lines = [self.description]
         if self.num_examples:
             lines[0] += f" ({self.num_examples} examples, {self.seconds:.1f} s)"
         lines.append(f"  rank  {'block':<{width}}  {'score':>10}  params")
         for block, score in self.scores.items():
-            marker = "  <- best" if block == best else ""
             count = format_count(self.num_parameters[block])
-            lines.append(f"  {rank[block]:>4}  {block:<{width}}  {score:>10.4g}  {count:<6}{marker}".rstrip())
+            mark = marker if block in marked else ""
+            lines.append(f"  {rank[block]:>4}  {block:<{width}}  {score:>10.4g}  {count:<6}{mark}".rstrip())
         return "\n".join(lines)
 
 

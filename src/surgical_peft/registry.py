@@ -8,13 +8,13 @@ file, and a member may depend on modules that depend on the registry (the sweep 
 Example:
     >>> from surgical_peft.criteria import CRITERIA
     >>> CRITERIA.names
-    ('rgn', 'snr', 'sweep')
+    ('greedy', 'rgn', 'snr', 'sweep')
     >>> CRITERIA.get("rgn").description.startswith("Auto-RGN")
     True
     >>> CRITERIA.get("random")
     Traceback (most recent call last):
     ...
-    surgical_peft.errors.InputError: Unknown criterion 'random'. Valid: rgn, snr, sweep.
+    surgical_peft.errors.InputError: Unknown criterion 'random'. Valid: greedy, rgn, snr, sweep.
 """
 
 from __future__ import annotations

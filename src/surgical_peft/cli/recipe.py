@@ -93,6 +93,14 @@ def _add_fine_tuning_arguments(parser: argparse.ArgumentParser) -> None:
         help="rgn: scale each tensor's learning rate by its relative gradient norm (default: %(default)s)",
     )
     train.add_argument(
+        "--lr-decay",
+        type=float,
+        default=_DEFAULTS.lr_decay,
+        help="discriminative learning rates: a block DEPTH blocks below the head trains at lr * F**DEPTH, F in (0, 1] "
+        "(default: %(default)s, no decay)",
+        metavar="F",
+    )
+    train.add_argument(
         "--weight-decay", type=float, default=_DEFAULTS.weight_decay, help="AdamW weight decay (default: %(default)s)"
     )
     train.add_argument(
@@ -169,6 +177,7 @@ def fine_tune_arguments(args: argparse.Namespace) -> FineTuneArguments:
         lp_epochs=args.lp_epochs,
         learning_rate=args.lr,
         lr_mode=args.lr_mode,
+        lr_decay=args.lr_decay,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -8,13 +8,15 @@
   across examples score high; noise scores about 1 / number of examples.
 - `sweep`: fine-tune a copy of the model on each candidate block in turn on part of the target data and score it by
   accuracy on the held-out rest. Slow but direct; the ranking says how slow.
+- `greedy` (SubTuning, Kaplun et al. 2023): grow a block subset, not necessarily contiguous, adding the block that most
+  improves held-out accuracy until no addition gains more than a threshold; `BlockRanking.chosen` is the subset.
 
 A criterion is an object with a `description` and `rank(model, dataloader, candidates, options)` returning a
 `surgical_peft.selection.BlockRanking` (see `_base.py`); `CRITERIA` finds them by module name.
 
 Example:
     >>> CRITERIA.names
-    ('rgn', 'snr', 'sweep')
+    ('greedy', 'rgn', 'snr', 'sweep')
 """
 
 from ..registry import Registry

@@ -8,16 +8,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from ..blocks import BlockMap, unwrap_model
+from ..errors import InputError
 from ..gradients import labelled_batches
 from ..ranking import BlockRanking
 
 if TYPE_CHECKING:
     from ..training import FineTuneArguments
 
-__all__ = ["Candidates", "Criterion", "RankOptions", "TensorCriterion"]
+__all__ = ["Candidates", "Criterion", "RankOptions", "TensorCriterion", "holdout_split"]
 
 
 @dataclass
@@ -38,6 +40,29 @@ class RankOptions:
     holdout_fraction: float = 0.25
     seed: int = 0
     progress: bool = True
+    greedy_threshold: float = 0.0
+
+
+def holdout_split(dataloader: Any, holdout_fraction: float, seed: int, criterion: str) -> tuple[Subset, Subset]:
+    """The dataloader's dataset cut into a training part and a held-out part of `holdout_fraction` (seeded), for the
+    criteria that fine-tune (`sweep`, `greedy`)."""
+    dataset = getattr(dataloader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__len__"):
+        raise InputError(
+            f"The {criterion} criterion needs a DataLoader over a map-style dataset (it splits the dataset)."
+        )
+    if not 0 < holdout_fraction < 1:
+        raise InputError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}.")
+    next(labelled_batches(dataloader, 1, torch.device("cpu")))  # the same checks as the gradient criteria
+    size = len(dataset)
+    held_out = max(1, round(holdout_fraction * size))
+    if size - held_out < 1:
+        raise InputError(
+            f"The {criterion} criterion needs at least 2 examples to train on one part and score on another; got "
+            f"{size}."
+        )
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, order[held_out:]), Subset(dataset, order[:held_out])
 
 
 class Criterion(Protocol):

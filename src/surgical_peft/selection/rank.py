@@ -70,6 +70,7 @@ def rank_blocks(
     sweep_args: FineTuneArguments | None = None,
     holdout_fraction: float = 0.25,
     seed: int = 0,
+    greedy_threshold: float = 0.0,
     progress: bool = True,
 ) -> BlockRanking:
     """Rank a model's blocks for surgical fine-tuning on labelled target data (see the module docstring).
@@ -78,21 +79,23 @@ def rank_blocks(
         model: a transformers image classifier or a `PeftModel` around one (any model returning `.logits` for
             `pixel_values` whose blocks `surgical_peft.list_blocks` finds).
         dataloader: batches of `{"pixel_values", "labels"}` from the target distribution.
-        criterion: `"rgn"`, `"snr"` or `"sweep"`.
-        num_batches: batches the gradient criteria average over (`"sweep"` uses the whole dataset).
+        criterion: `"rgn"`, `"snr"`, `"sweep"` or `"greedy"` (a block subset, `BlockRanking.chosen`).
+        num_batches: batches the gradient criteria average over (`"sweep"` and `"greedy"` use the whole dataset).
         blocks: candidate blocks (default: all of them).
-        sweep_args: `"sweep"` only: how each block is fine-tuned (default: 3 epochs at learning rate 1e-3 with the
-            dataloader's batch size); `strategy` and `blocks` are set per candidate.
-        holdout_fraction: `"sweep"` only: share of the dataset held out to score each block.
-        seed: `"sweep"` only: seed of the held-out split.
+        sweep_args: `"sweep"` and `"greedy"`: how each candidate is fine-tuned (default: 3 epochs at learning rate
+            1e-3 with the dataloader's batch size); `strategy` and `blocks` are set per candidate.
+        holdout_fraction: `"sweep"` and `"greedy"`: share of the dataset held out to score each candidate.
+        seed: `"sweep"` and `"greedy"`: seed of the held-out split.
+        greedy_threshold: `"greedy"` only: the search stops when no block improves held-out accuracy by more than
+            this, in [0, 1).
         progress: show a progress bar.
 
     Returns:
         A `BlockRanking`: `print` it, `.best(k)`, `.plot(path)`, `.to_dict()`.
 
     Raises:
-        ValueError: on an unknown criterion or block, an empty dataloader, batches without labels, or candidate
-            blocks without parameters.
+        ValueError: on an unknown criterion or block, an empty dataloader, batches without labels, candidate
+            blocks without parameters, or a `greedy_threshold` outside [0, 1).
 
     Example:
         >>> import torch
@@ -106,7 +109,7 @@ def rank_blocks(
     """
     ranker = CRITERIA.get(criterion)
     candidates = _candidates(model, blocks)
-    options = RankOptions(num_batches, sweep_args, holdout_fraction, seed, progress)
+    options = RankOptions(num_batches, sweep_args, holdout_fraction, seed, progress, greedy_threshold)
     start = time.perf_counter()
     ranking = ranker.rank(model, dataloader, candidates, options)
     ranking.num_parameters = {block: candidates.block_map.num_parameters[block] for block in ranking.scores}
@@ -118,7 +121,8 @@ def select_blocks(model: nn.Module, dataloader: DataLoader, config: SurgicalConf
     """Resolve `SurgicalConfig(block="auto")`: a copy of `config` whose `block` is the top-ranked block(s).
 
     The blocks are ranked by `rank_blocks(model, dataloader, config.auto_criterion, **kwargs)` and the best
-    `config.auto_top_k` kept.
+    `config.auto_top_k` kept; a criterion that chooses a subset itself (`"greedy"`) gives that subset instead, in
+    forward order, and `auto_top_k` is not used.
 
     Example:
         >>> import torch
@@ -136,5 +140,6 @@ def select_blocks(model: nn.Module, dataloader: DataLoader, config: SurgicalConf
     """
     if config.blocks != [AUTO]:
         raise InputError(f"select_blocks resolves SurgicalConfig(block='auto'); this one has block={config.block!r}.")
-    chosen = rank_blocks(model, dataloader, config.auto_criterion, **kwargs).best(config.auto_top_k)
+    ranking = rank_blocks(model, dataloader, config.auto_criterion, **kwargs)
+    chosen = [block for block in ranking.scores if block in ranking.chosen] or ranking.best(config.auto_top_k)
     return dataclasses.replace(config, block=chosen[0] if len(chosen) == 1 else chosen)

@@ -34,7 +34,8 @@ class FineTuneArguments:
 
     Args:
         strategy: one of `STRATEGIES.names` (`surgical_peft.training.strategies`).
-        blocks: the blocks to tune for `surgical` and `lp-ft` (see `surgical_peft.list_blocks`); `["auto"]` picks
+        blocks: the blocks to tune for `surgical`, `lp-ft`, `alternate` (at least two, one per epoch in turn) and
+            `gradual` (the blocks below the head, in forward order) (see `surgical_peft.list_blocks`); `["auto"]` picks
             the best block by Auto-RGN on the training data (`surgical_peft.select_blocks`); `["all"]` is full
             fine-tuning (`strategy="full"`).
         epochs: passes over the training set (for `lp-ft`, the fine-tuning phase).
@@ -42,6 +43,9 @@ class FineTuneArguments:
         learning_rate: AdamW learning rate (for `lp-ft`, the fine-tuning phase; the probe uses 10x).
         lr_mode: `constant`, or `rgn` to scale each tensor's learning rate by its relative gradient norm
             (Auto-RGN, Lee et al. 2023), recomputed at the start of every epoch.
+        lr_decay: discriminative learning rates (Howard & Ruder 2018), in (0, 1]: a block `depth` blocks below the
+            model's top block (the head, depth 0) trains at `learning_rate * lr_decay**depth`; 1 (the default) gives
+            every block the same rate. Not with `lr_mode="rgn"`.
         weight_decay: AdamW weight decay.
         batch_size: per-device batch size.
         gradient_accumulation_steps: optimizer step every this many batches.
@@ -63,6 +67,7 @@ class FineTuneArguments:
     lp_epochs: int | None = None
     learning_rate: float = 1e-3
     lr_mode: str = "constant"
+    lr_decay: float = 1.0
     weight_decay: float = 0.0
     batch_size: int = 32
     gradient_accumulation_steps: int = 1
@@ -94,6 +99,11 @@ class FineTuneArguments:
         for name in ("epochs", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0 < self.lr_decay <= 1:
+            raise InputError(f"lr_decay must be in (0, 1] (1: no decay), got {self.lr_decay}.")
+        if self.lr_decay != 1 and self.lr_mode == "rgn":
+            raise InputError("lr_decay and lr_mode='rgn' both set per-tensor learning rates: choose one.")
+        self.phases()  # a strategy checks what it needs (e.g. alternate: several blocks)
 
     def phases(self) -> list[Phase]:
         """The phases of the strategy, in order."""

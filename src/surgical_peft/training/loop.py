@@ -42,7 +42,7 @@ from .arguments import FineTuneArguments, FineTuneResult
 from .checkpoint import Progress, latest_checkpoint, save_checkpoint
 from .epoch import train_epoch
 from .evaluation import evaluate_accuracy
-from .optimizer import make_optimizer, scale_learning_rates_by_rgn
+from .optimizer import block_depths, make_optimizer, scale_learning_rates_by_rgn
 from .strategies._base import Phase
 
 __all__ = ["fine_tune"]
@@ -132,8 +132,10 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
     args, accelerator = run.args, run.accelerator
     run.model.base_model.set_requires_grad(run.model.active_adapter, True)
     run.model.base_model.train_only(None if phase.blocks == [ALL] else run.block_map.target_modules(phase.blocks))
-    parameters = [p for p in run.model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(parameters, phase.learning_rate, args)
+    trainable = [(name, p) for name, p in run.model.base_model.model.named_parameters() if p.requires_grad]
+    parameters = [p for _, p in trainable]
+    depths = block_depths(run.block_map, [name for name, _ in trainable]) if args.lr_decay != 1 else None
+    optimizer = make_optimizer(parameters, phase.learning_rate, args, depths)
     model, optimizer, loader = accelerator.prepare(run.model, optimizer, run.train_loader)
     eval_loader = accelerator.prepare(run.eval_loader) if run.eval_loader is not None else None
     if run.resume_from is not None and run.progress.phase == index:

@@ -55,9 +55,9 @@ class SurgicalConfig(PeftConfig):
         verify_base: set to `False` to load an adapter onto a base whose fingerprint differs (or that records none),
             e.g. `PeftModel.from_pretrained(model, path, verify_base=False)`. Never saved, and never read from a file:
             only the caller can skip the check.
-        auto_criterion: how `block="auto"` ranks the blocks: `"rgn"` (Auto-RGN), `"snr"` (Auto-SNR) or `"sweep"`;
-            see `surgical_peft.rank_blocks`.
-        auto_top_k: how many of the best-ranked blocks `block="auto"` tunes.
+        auto_criterion: how `block="auto"` ranks the blocks: `"rgn"` (Auto-RGN), `"snr"` (Auto-SNR), `"sweep"`, or
+            `"greedy"` (a greedily grown block subset, tuned as chosen); see `surgical_peft.rank_blocks`.
+        auto_top_k: how many of the best-ranked blocks `block="auto"` tunes (not used by `"greedy"`).
         init_weights: `True` (default): a new adapter starts from the base weights (zero deltas), so the model computes
             exactly as before; `False`: small random deltas (noise of 2% of each parameter tensor's standard deviation,
             BatchNorm statistics untouched, from torch's global RNG), PEFT's convention for a non-identity adapter

@@ -27,6 +27,7 @@ class Rank:
         "  rgn    Auto-RGN: relative gradient norm ||g||/||w|| of the target loss (fast)\n"
         "  snr    Auto-SNR: signal-to-noise ratio of per-example gradients (fast)\n"
         "  sweep  fine-tune each block briefly and score it on held-out data (slow, direct)\n"
+        "  greedy grow a block subset by held-out accuracy, one block at a time (slowest; SubTuning)\n"
         "Prints a table of block, score and parameter count; the best block is the one to tune.\n\n"
         "DATA is split into a source and a target half (see surgical_peft.experiments.data.make_target); the\n"
         "blocks are ranked on --train-n labelled images of the target half, after --shift. With MODEL demo-resnet,\n"
@@ -53,8 +54,14 @@ class Rank:
         parser.add_argument("--num-batches", type=int, default=4, help="batches rgn and snr average over")
         parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
         parser.add_argument("--image-size", type=int, help="image side in pixels (default: the model's)")
-        parser.add_argument("--epochs", type=int, default=3, help="sweep: epochs of fine-tuning per block")
-        parser.add_argument("--learning-rate", type=float, default=1e-3, help="sweep: learning rate")
+        parser.add_argument("--epochs", type=int, default=3, help="sweep, greedy: epochs of fine-tuning per candidate")
+        parser.add_argument("--learning-rate", type=float, default=1e-3, help="sweep, greedy: learning rate")
+        parser.add_argument(
+            "--greedy-threshold",
+            type=float,
+            default=0.0,
+            help="greedy: stop when no block improves held-out accuracy by more than this, in [0, 1)",
+        )
         parser.add_argument("--plot", metavar="PNG", help="save a bar chart of the scores here")
         parser.add_argument("--json", metavar="PATH", help="save the scores as JSON here")
 
@@ -76,10 +83,19 @@ class Rank:
         )
         sweep = FineTuneArguments(epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size)
         ranking = rank_blocks(
-            loaded.model, loader, args.criterion, num_batches=args.num_batches, sweep_args=sweep, seed=args.seed
+            loaded.model,
+            loader,
+            args.criterion,
+            num_batches=args.num_batches,
+            sweep_args=sweep,
+            seed=args.seed,
+            greedy_threshold=args.greedy_threshold,
         )
         print(ranking)
-        print(f"best block: {ranking.best(1)[0]}")
+        if ranking.chosen:
+            print(f"chosen blocks: {', '.join(ranking.chosen)}")
+        else:
+            print(f"best block: {ranking.best(1)[0]}")
         if args.plot:
             print(f"plot: {ranking.plot(args.plot)}")
         if args.json:

@@ -3,14 +3,17 @@
 - `surgical`: tune the chosen blocks, freeze the rest;
 - `full`: tune every block (the adapter then holds deltas for the whole model);
 - `linear-probe`: tune the head only;
-- `lp-ft`: linear-probe the head first, then fine-tune the chosen blocks together with the head.
+- `lp-ft`: linear-probe the head first, then fine-tune the chosen blocks together with the head;
+- `alternate`: the chosen blocks one at a time, switching every epoch (one phase per epoch);
+- `gradual`: gradual unfreezing (Howard & Ruder 2018): the head, then one more chosen block per epoch towards the
+  input.
 
 A strategy is an object with a `description` and `phases(args) -> list[Phase]` (see `_base.py`); `STRATEGIES` finds
 them by module name.
 
 Example:
     >>> STRATEGIES.names
-    ('full', 'linear-probe', 'lp-ft', 'surgical')
+    ('alternate', 'full', 'gradual', 'linear-probe', 'lp-ft', 'surgical')
 """
 
 from ...registry import Registry
