@@ -264,7 +264,7 @@ def _no_weights(directory: Path) -> None:
     (directory / WEIGHTS).unlink()
 
 
-def _only_a_pickle(directory: Path) -> None:
+def _only_a_pickle(directory: Path) -> None:  # not a pickle at all: safetensors bytes under PEFT's pickle name
     (directory / WEIGHTS).rename(directory / "adapter_model.bin")
 
 
@@ -275,8 +275,8 @@ def _another_base(directory: Path) -> None:
 
 BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
     "another base": (_another_base, "different base weights"),
-    "no weights file": (_no_weights, "holds no adapter_model.safetensors \\(found none\\)"),
-    "only a .bin": (_only_a_pickle, "found only adapter_model.bin \\(a pickle, never loaded\\)"),
+    "no weights file": (_no_weights, "holds no adapter_model.safetensors \\(nor adapter_model.bin\\)"),
+    "a broken .bin": (_only_a_pickle, "adapter_model.bin is not a valid tensors-only PyTorch file"),
     "a non-finite file": (lambda d: rewrite_weights(d, _first_float(lambda t: t * float("nan"))), "NaN or inf"),
     "a wrong shape": (lambda d: rewrite_weights(d, _first_float(lambda t: t.flatten()[:3])), "has shape \\(3,\\)"),
 }
@@ -445,3 +445,23 @@ def test_a_sealed_adapter_keeps_its_recorded_fingerprint(
         pytest.raises(InputError, match=r"block\(s\) .* differ"),
     ):
         PeftModel.from_pretrained(make_model("resnet-basic", seed=1), tmp_path)
+
+
+def test_a_pickled_adapter_loads_through_the_tensors_only_unpickler(
+    trained: Callable[..., PeftModel], make_model: Callable[..., nn.Module], tmp_path: Path
+) -> None:
+    # PEFT's save_pretrained(safe_serialization=False) writes adapter_model.bin; PEFT loads it with
+    # torch.load(weights_only=True), and so do the checks before it: no arbitrary object is ever unpickled.
+    model = trained()
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.bin",
+    ]
+    loaded = PeftModel.from_pretrained(make_model("resnet-basic"), tmp_path)
+    for name, tensor in model.base_model.model.state_dict().items():  # base + (tuned - base): rounding only
+        torch.testing.assert_close(loaded.base_model.model.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
+    torch.save({"base_model.model.x": object()}, tmp_path / "adapter_model.bin")
+    with pytest.raises(InputError, match="not a valid tensors-only PyTorch file"):
+        PeftModel.from_pretrained(make_model("resnet-basic"), tmp_path)

@@ -187,13 +187,16 @@ class SurgicalConfig(PeftConfig):
 
 
 def _weights_file(path: Path, subfolder: str | None, kwargs: Mapping[str, Any]) -> Path:
-    """The adapter's `adapter_model.safetensors`: in the local directory, or downloaded (cached) from the Hub."""
+    """The adapter's weights file: `adapter_model.safetensors` (else PEFT's `adapter_model.bin`, as PEFT falls back
+    to it) in the local directory, or `adapter_model.safetensors` downloaded (cached) from the Hub."""
     directory = path / (subfolder or "")
     if (directory / CONFIG_NAME).is_file():
-        if (directory / SAFETENSORS_WEIGHTS_NAME).is_file():
-            return directory / SAFETENSORS_WEIGHTS_NAME
-        found = f"only {WEIGHTS_NAME} (a pickle, never loaded)" if (directory / WEIGHTS_NAME).exists() else "none"
-        raise InputError(f"{directory} holds no {SAFETENSORS_WEIGHTS_NAME} (found {found}): an incomplete adapter.")
+        for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+            if (directory / name).is_file():
+                return directory / name
+        raise InputError(
+            f"{directory} holds no {SAFETENSORS_WEIGHTS_NAME} (nor {WEIGHTS_NAME}): an incomplete adapter."
+        )
     hub_kwargs, _, _ = SurgicalConfig._split_kwargs(dict(kwargs))
     hub_kwargs.pop("subfolder", None)
     try:

@@ -93,6 +93,18 @@ class AdapterFile(NamedTuple):
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a weights file: safetensors, or PEFT's `adapter_model.bin` (`save_pretrained(...,
+    safe_serialization=False)`), read as PEFT reads it, with PyTorch's tensors-only unpickler (`weights_only=True`)."""
+    if path.suffix == ".bin":
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # the restricted unpickler raises many types on a bad or hostile file
+            raise InputError(
+                f"{path} is not a valid tensors-only PyTorch file (corrupt, or not weights?): {error}"
+            ) from error
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise InputError(f"{path} does not hold a mapping of names to tensors.")
+        return tensors, {}
     try:
         with safe_open(str(path), framework="pt") as file:
             return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}  # noqa: SIM118
