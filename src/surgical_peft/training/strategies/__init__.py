@@ -3,14 +3,15 @@
 - `surgical`: tune the chosen blocks, freeze the rest;
 - `full`: tune every block (the adapter then holds deltas for the whole model);
 - `linear-probe`: tune the head only;
-- `lp-ft`: linear-probe the head first, then fine-tune the chosen blocks together with the head.
+- `lp-ft`: linear-probe the head first, then fine-tune the chosen blocks together with the head;
+- `dp-linear-probe`: the head by NoisyGD on frozen features, differentially private (`surgical_peft.privacy`).
 
-A strategy is an object with a `description` and `phases(args) -> list[Phase]` (see `_base.py`); `STRATEGIES` finds
-them by module name.
+A strategy is an object with a `description` and `phases(args) -> list[Phase]` (see `_base.py`); one that also has
+`run(...)` runs itself instead of the loop's epochs. `STRATEGIES` finds them by module name.
 
 Example:
     >>> STRATEGIES.names
-    ('full', 'linear-probe', 'lp-ft', 'surgical')
+    ('dp-linear-probe', 'full', 'linear-probe', 'lp-ft', 'surgical')
 """
 
 from ...registry import Registry
