@@ -4,7 +4,7 @@
 |---|---|
 | `accounting.py` | noise calibration and spent epsilon: exact Gaussian-DP composition of full-batch steps |
 | `arguments.py` | `PrivacyArguments`: the budget and the NoisyGD settings |
-| `transform.py` | `FeatureTransform`: L2 normalisation, a PCA basis fitted on public data, the probe folded into the head |
+| `transform.py` | `FeatureTransform`: L2 normalisation, a public PCA basis, the probe folded into the head |
 | `noisy_gd.py` | `noisy_gd`: full-batch NoisyGD of a linear softmax probe |
 | `head.py` | the head's `nn.Linear` and its input features, computed once |
 | `probe.py` | `private_linear_probe`: all of it, in place on a model, with its privacy record |
