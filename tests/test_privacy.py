@@ -44,9 +44,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def examples(n: int, seed: int = 0) -> list[dict]:
+def examples(n: int, seed: int = 0, size: int = 16) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
-    return [{"pixel_values": torch.randn(3, 16, 16, generator=generator), "labels": i % 3} for i in range(n)]
+    return [{"pixel_values": torch.randn(3, size, size, generator=generator), "labels": i % 3} for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------- accounting
@@ -264,3 +264,45 @@ def test_pca_without_public_data_is_refused(tiny_model: str, tmp_path: Path) -> 
             "--pca-dim", "4", *TINY, "--output-dir", str(tmp_path / "x")]  # fmt: skip
     with pytest.raises(InputError, match="--pca-dim needs public data"):
         run_training(parse(*argv))
+
+
+# ------------------------------------------------------------------------------------------------- dp-surgical
+def test_dp_surgical_trains_one_block_by_dp_sgd_and_leaves_batchnorm_statistics_alone() -> None:
+    """DP-SGD of the head of a ResNet: only the head moves, and no frozen BatchNorm statistic sees private data."""
+    pytest.importorskip("opacus")
+    model = build_model("resnet-basic")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    privacy = PrivacyArguments(epsilon=2.0, delta=1e-3)
+    args = FineTuneArguments(strategy="dp-surgical", blocks=["head"], epochs=2, batch_size=8, learning_rate=1e-2,
+                             progress=False, privacy=privacy)  # fmt: skip
+    result = fine_tune(model, examples(40), examples(12, 2), args)
+
+    assert set(result.privacy) == RECORD and result.privacy["mechanism"] == "DP-SGD"
+    assert result.privacy["epsilon"] <= 2.0 and result.privacy["sample_rate"] == pytest.approx(8 / 40)
+    assert result.privacy["steps"] == 2 * 5
+    after = result.model.get_base_model().state_dict()
+    changed = {name for name, tensor in before.items() if not torch.equal(after[name], tensor)}
+    assert changed == {"classifier.1.weight", "classifier.1.bias"}  # running_mean/var of every BatchNorm unchanged
+    assert set(result.metrics) == {"eval_accuracy"}
+
+
+def test_dp_surgical_on_a_layernorm_block() -> None:
+    pytest.importorskip("opacus")
+    model = build_model("vit")
+    args = FineTuneArguments(strategy="dp-surgical", blocks=["layer2"], epochs=1, batch_size=8, progress=False,
+                             privacy=PrivacyArguments(epsilon=4.0, delta=1e-3))  # fmt: skip
+    result = fine_tune(model, examples(24, size=32), None, args)
+    assert result.privacy["epsilon"] <= 4.0
+    assert result.model.peft_config["default"].blocks == ["layer2"]
+
+
+def test_dp_surgical_refuses_a_batchnorm_block_before_training(tiny_model: str, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    argv = ["train", "--model", tiny_model, "--strategy", "dp-surgical", "--block", "stage1", "--epsilon", "1",
+            *TINY, "--output-dir", str(output)]  # fmt: skip
+    assert main(argv) == 2
+    assert not output.exists()
+    with pytest.raises(InputError, match=r"holds BatchNorm layers .*dp-linear-probe, or a LayerNorm block"):
+        fine_tune(build_model("resnet-basic"), examples(20), None,
+                  FineTuneArguments(strategy="dp-surgical", blocks=["stage1"], progress=False,
+                                    privacy=PrivacyArguments(epsilon=1.0, delta=1e-3)))  # fmt: skip

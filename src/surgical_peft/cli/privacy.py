@@ -1,5 +1,5 @@
-"""The command line's privacy options (`--strategy dp-linear-probe`): the budget, NoisyGD's settings, and the public
-data a PCA basis is fitted on.
+"""The command line's privacy options (`--strategy dp-linear-probe` and `dp-surgical`): the budget, NoisyGD's
+settings, and the public data a PCA basis is fitted on.
 
 Example:
     >>> import argparse
@@ -20,11 +20,14 @@ from typing import Any
 
 from ..errors import InputError
 from ..experiments.data import DIGITS, load_image_dataset
-from ..privacy import PrivacyArguments
+from ..privacy import PrivacyArguments, check_delta, check_private_data
+from ..training import FineTuneArguments
+from ..training.strategies.dp_surgical import check_blocks
 
-__all__ = ["add_privacy_arguments", "card_rows", "privacy_arguments", "public_dataset"]
+__all__ = ["add_privacy_arguments", "card_rows", "check_private_run", "privacy_arguments", "public_dataset"]
 
 PRIVATE_STRATEGY = "dp-linear-probe"
+DP_SGD_STRATEGY = "dp-surgical"
 _DEFAULTS = PrivacyArguments(epsilon=1.0)
 _OPTIONS = {"epsilon": "--epsilon", "feature_norm": "--feature-norm", "pca_dim": "--pca-dim",
             "public_dataset": "--public-dataset"}  # fmt: skip
@@ -32,7 +35,7 @@ _OPTIONS = {"epsilon": "--epsilon", "feature_norm": "--feature-norm", "pca_dim":
 
 def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of `--strategy dp-linear-probe` to `parser`."""
-    group = parser.add_argument_group("differential privacy (--strategy dp-linear-probe)")
+    group = parser.add_argument_group("differential privacy (--strategy dp-linear-probe, dp-surgical)")
     group.add_argument("--epsilon", type=float, help="privacy budget epsilon, finite and > 0 (required)")
     group.add_argument(
         "--delta",
@@ -40,7 +43,9 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS.delta,
         help="privacy budget delta, below 1/train-n (default: %(default)s)",
     )
-    group.add_argument("--feature-norm", action="store_true", help="L2-normalise the head's input features")
+    group.add_argument(
+        "--feature-norm", action="store_true", help="L2-normalise the head's input features (dp-linear-probe)"
+    )
     group.add_argument(
         "--pca-dim", type=int, help="project the features on this many principal directions of the public data"
     )
@@ -68,13 +73,15 @@ def privacy_arguments(args: argparse.Namespace) -> PrivacyArguments | None:
         InputError: for a bad budget or setting, privacy options with another strategy, or `--pca-dim` without public
             data.
     """
-    if args.strategy != PRIVATE_STRATEGY:
-        given = [option for name, option in _OPTIONS.items() if getattr(args, name) not in (None, False)]
+    given = [option for name, option in _OPTIONS.items() if getattr(args, name) not in (None, False)]
+    if args.strategy not in (PRIVATE_STRATEGY, DP_SGD_STRATEGY):
         if given:
             raise InputError(f"{', '.join(given)} apply to --strategy {PRIVATE_STRATEGY} only, not {args.strategy}.")
         return None
     if args.epsilon is None:
-        raise InputError(f"--strategy {PRIVATE_STRATEGY} needs --epsilon, the privacy budget (a finite number > 0).")
+        raise InputError(f"--strategy {args.strategy} needs --epsilon, the privacy budget (a finite number > 0).")
+    if args.strategy == DP_SGD_STRATEGY and given != ["--epsilon"]:
+        raise InputError(f"{', '.join(given[1:])} apply to --strategy {PRIVATE_STRATEGY} only, not {args.strategy}.")
     if args.pca_dim is not None and args.public_dataset is None and args.dataset != DIGITS:
         raise InputError(
             f"--pca-dim needs public data to fit the basis on: pass --public-dataset (only the built-in {DIGITS!r} "
@@ -102,6 +109,20 @@ def public_dataset(args: argparse.Namespace, source: Any, preprocess: Callable[[
         args.public_dataset, split=args.split, image_column=args.image_column, label_column=args.label_column
     )
     return preprocess(public)
+
+
+def check_private_run(model: Any, num_private: int, args: FineTuneArguments) -> None:
+    """What a private strategy checks against the model and the data before anything is written.
+
+    Raises:
+        InputError: for delta >= 1/n, a PCA dimension out of range, a head that is not linear (`dp-linear-probe`), or
+            a block holding BatchNorm (`dp-surgical`).
+    """
+    if args.strategy == PRIVATE_STRATEGY:
+        check_private_data(model, num_private, args.privacy)
+    else:
+        check_delta(args.privacy.delta, num_private)
+        check_blocks(model, args.blocks)
 
 
 def card_rows(privacy: dict[str, Any]) -> dict[str, Any]:

@@ -39,12 +39,11 @@ from ..experiments.data import DIGITS, load_image_dataset, make_target
 from ..experiments.demo import SOURCE_MODEL
 from ..experiments.shifts import CORRUPTIONS
 from ..hub import push_adapter, render_model_card, save_adapter_with_card
-from ..privacy import check_private_data
 from ..training import LR_MODES, STRATEGIES, FineTuneArguments, fine_tune
 from ..tuner import DELTA_DTYPES
 from .models import LoadedModel, load_model
 from .options import MODEL_HELP, add_cache_dir_option, add_target_options
-from .privacy import add_privacy_arguments, card_rows, privacy_arguments, public_dataset
+from .privacy import add_privacy_arguments, card_rows, check_private_run, privacy_arguments, public_dataset
 
 __all__ = ["add_training_arguments", "fine_tune_arguments", "print_summary", "run_training", "training_option_names"]
 
@@ -290,7 +289,7 @@ def _prepare(args: argparse.Namespace, state: PartialState) -> _Run:
     if fine_tune_args.privacy is not None:  # differential privacy: the public data, and checks against the data
         public = public_dataset(args, splits["source"], loaded.preprocess)
         fine_tune_args = replace(fine_tune_args, privacy=replace(fine_tune_args.privacy, public_dataset=public))
-        check_private_data(loaded.model, splits["train"].num_rows, fine_tune_args.privacy)
+        check_private_run(loaded.model, splits["train"].num_rows, fine_tune_args)
     return _Run(
         loaded=loaded,
         train=loaded.preprocess(splits["train"]),

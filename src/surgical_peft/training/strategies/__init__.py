@@ -4,14 +4,15 @@
 - `full`: tune every block (the adapter then holds deltas for the whole model);
 - `linear-probe`: tune the head only;
 - `lp-ft`: linear-probe the head first, then fine-tune the chosen blocks together with the head;
-- `dp-linear-probe`: the head by NoisyGD on frozen features, differentially private (`surgical_peft.privacy`).
+- `dp-linear-probe`: the head by NoisyGD on frozen features, differentially private (`surgical_peft.privacy`);
+- `dp-surgical`: the chosen blocks by DP-SGD with Opacus (no BatchNorm blocks), differentially private.
 
 A strategy is an object with a `description` and `phases(args) -> list[Phase]` (see `_base.py`); one that also has
 `run(...)` runs itself instead of the loop's epochs. `STRATEGIES` finds them by module name.
 
 Example:
     >>> STRATEGIES.names
-    ('dp-linear-probe', 'full', 'linear-probe', 'lp-ft', 'surgical')
+    ('dp-linear-probe', 'dp-surgical', 'full', 'linear-probe', 'lp-ft', 'surgical')
 """
 
 from ...registry import Registry
