@@ -53,9 +53,14 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
         "--public-dataset",
         help="public dataset (Hub id or imagefolder) the PCA basis is fitted on (default for digits: its source half)",
     )
-    group.add_argument("--dp-steps", type=int, default=_DEFAULTS.steps, help="NoisyGD steps (default: %(default)s)")
     group.add_argument(
-        "--dp-lr", type=float, default=_DEFAULTS.learning_rate, help="NoisyGD learning rate (default: %(default)s)"
+        "--dp-steps", type=int, default=_DEFAULTS.steps, help="NoisyGD steps, dp-linear-probe (default: %(default)s)"
+    )
+    group.add_argument(
+        "--dp-lr",
+        type=float,
+        default=_DEFAULTS.learning_rate,
+        help="NoisyGD learning rate, dp-linear-probe (default: %(default)s; dp-surgical uses --lr)",
     )
     group.add_argument(
         "--clipping-norm",
