@@ -25,7 +25,7 @@ robust than non-private training when the features are perturbed.
 Writes `<output-dir>/privacy.{md,png,json}`.
 
 Usage:
-    python benchmarks/privacy.py            # 13 min on the shared 2-core machine (under load)
+    python benchmarks/privacy.py            # 15 min on the shared 2-core machine (under load)
     python benchmarks/privacy.py --quick    # one seed, two budgets: a smoke run
     python benchmarks/privacy.py --report-only    # redraw privacy.md and privacy.png from privacy.json
 """
@@ -77,7 +77,7 @@ class Settings:
     mnist_test_n: int = 1000
     steps: int = 100
     clipping_norm: float = 1.0
-    learning_rates: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0)
+    learning_rates: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     pca_dim: int = 16
     offsets: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
     robustness_epsilon: float = 1.0
