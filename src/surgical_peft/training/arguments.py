@@ -56,7 +56,8 @@ class FineTuneArguments:
             in later epochs (`surgical_peft.features.FeatureCache`); only for deterministic input pipelines (no random
             augmentation), and ignored, with a warning, in a phase that trains the first block.
         cache_max_bytes: bound on the cached features' bytes (examples beyond it are computed every epoch).
-        privacy: the budget and NoisyGD settings of `strategy="dp-linear-probe"` (`surgical_peft.privacy`).
+        privacy: the budget (and NoisyGD settings) of `strategy="dp-linear-probe"` or `"dp-surgical"`
+            (`surgical_peft.privacy`).
     """
 
     strategy: str = "surgical"
