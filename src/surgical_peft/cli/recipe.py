@@ -43,6 +43,7 @@ from ..training import LR_MODES, STRATEGIES, FineTuneArguments, fine_tune
 from ..tuner import DELTA_DTYPES
 from .models import LoadedModel, load_model
 from .options import MODEL_HELP, add_cache_dir_option, add_target_options
+from .privacy import add_privacy_arguments, card_rows, check_private_run, privacy_arguments, public_dataset
 
 __all__ = ["add_training_arguments", "fine_tune_arguments", "print_summary", "run_training", "training_option_names"]
 
@@ -147,6 +148,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """
     _add_data_arguments(parser)
     _add_fine_tuning_arguments(parser)
+    add_privacy_arguments(parser)
     _add_output_arguments(parser)
     return parser
 
@@ -187,6 +189,7 @@ def fine_tune_arguments(args: argparse.Namespace) -> FineTuneArguments:
         output_dir=args.output_dir,
         progress=args.progress,
         cache_features=args.cache_features,
+        privacy=privacy_arguments(args),
     )
 
 
@@ -292,6 +295,10 @@ def _prepare(args: argparse.Namespace, state: PartialState) -> _Run:
             "(modules_to_save), and an adapter of the head alone is not supported yet. Tune another block as well "
             "(e.g. --strategy lp-ft --block stage4)."
         )
+    if fine_tune_args.privacy is not None:  # differential privacy: the public data, and checks against the data
+        public = public_dataset(args, splits["source"], loaded.preprocess)
+        fine_tune_args = replace(fine_tune_args, privacy=replace(fine_tune_args.privacy, public_dataset=public))
+        check_private_run(loaded.model, splits["train"].num_rows, fine_tune_args)
     return _Run(
         loaded=loaded,
         train=loaded.preprocess(splits["train"]),
@@ -344,12 +351,14 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         "num_processes": state.num_processes,
         "adapter_sha256": digest,
         "adapter_dir": str(adapter_dir),
+        **({"privacy": result.privacy} if result.privacy is not None else {}),
     }
     if state.is_main_process:
         repo_id = args.hub_model_id or run.output_dir.name
         recipe = {"strategy": summary["strategy"], "blocks": ", ".join(summary["blocks"])}
         recipe.update({key: getattr(args, key) for key in ("lr", "epochs", "train_n", "batch_size", "seed")})
         recipe.update(shift=args.shift, severity=args.severity if args.shift in CORRUPTIONS else "-")
+        recipe.update(card_rows(result.privacy) if result.privacy is not None else {})
         card = render_model_card(
             result.model,
             shift=args.shift,

@@ -20,6 +20,7 @@ from .strategies import STRATEGIES
 if TYPE_CHECKING:
     from peft import PeftModel
 
+    from ..privacy import PrivacyArguments
     from .strategies._base import Phase
 
 __all__ = ["LR_MODES", "FineTuneArguments", "FineTuneResult"]
@@ -59,6 +60,8 @@ class FineTuneArguments:
             in later epochs (`surgical_peft.features.FeatureCache`); only for deterministic input pipelines (no random
             augmentation), and ignored, with a warning, in a phase that trains the first block.
         cache_max_bytes: bound on the cached features' bytes (examples beyond it are computed every epoch).
+        privacy: the budget (and NoisyGD settings) of `strategy="dp-linear-probe"` or `"dp-surgical"`
+            (`surgical_peft.privacy`).
     """
 
     strategy: str = "surgical"
@@ -79,6 +82,7 @@ class FineTuneArguments:
     progress: bool = True
     cache_features: bool = False
     cache_max_bytes: int = 4 * 2**30
+    privacy: PrivacyArguments | None = None
 
     def __post_init__(self) -> None:
         STRATEGIES.check(self.strategy)
@@ -119,8 +123,10 @@ class FineTuneArguments:
 
 @dataclass
 class FineTuneResult:
-    """What `fine_tune` returns: the tuned `PeftModel`, the final metrics and per-epoch history."""
+    """What `fine_tune` returns: the tuned `PeftModel`, the final metrics, per-epoch history and, for a private
+    strategy, the privacy spent."""
 
     model: PeftModel
     metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None  # a private strategy's record: spent epsilon, delta, accountant, ...

@@ -43,6 +43,7 @@ from .checkpoint import Progress, latest_checkpoint, save_checkpoint
 from .epoch import train_epoch
 from .evaluation import evaluate_accuracy
 from .optimizer import block_depths, make_optimizer, scale_learning_rates_by_rgn
+from .strategies import STRATEGIES
 from .strategies._base import Phase
 
 __all__ = ["fine_tune"]
@@ -186,6 +187,9 @@ def fine_tune(
     callers_accelerator = accelerator is not None
     accelerator = accelerator or make_accelerator(args)
     set_seed(args.seed)
+    strategy = STRATEGIES.get(args.strategy)
+    if hasattr(strategy, "run"):  # a strategy that runs itself (dp-linear-probe: full-batch NoisyGD)
+        return strategy.run(_surgical_model(model, args), train_dataset, eval_dataset, args, accelerator)
     if args.blocks == [AUTO]:
         args = _resolve_auto(model, train_dataset, args, accelerator)
     run = _start(model, train_dataset, eval_dataset, args, accelerator)

@@ -7,13 +7,15 @@
 - `alternate`: the chosen blocks one at a time, switching every epoch (one phase per epoch);
 - `gradual`: gradual unfreezing (Howard & Ruder 2018): the head, then one more chosen block per epoch towards the
   input.
+- `dp-linear-probe`: the head by NoisyGD on frozen features, differentially private (`surgical_peft.privacy`);
+- `dp-surgical`: the chosen blocks by DP-SGD with Opacus (no BatchNorm blocks), differentially private.
 
-A strategy is an object with a `description` and `phases(args) -> list[Phase]` (see `_base.py`); `STRATEGIES` finds
-them by module name.
+A strategy is an object with a `description` and `phases(args) -> list[Phase]` (see `_base.py`); one that also has
+`run(...)` runs itself instead of the loop's epochs. `STRATEGIES` finds them by module name.
 
 Example:
     >>> STRATEGIES.names
-    ('alternate', 'full', 'gradual', 'linear-probe', 'lp-ft', 'surgical')
+    ('alternate', 'dp-linear-probe', 'dp-surgical', 'full', 'gradual', 'linear-probe', 'lp-ft', 'surgical')
 """
 
 from ...registry import Registry

@@ -1,4 +1,4 @@
-"""What a strategy gives the training loop: its phases."""
+"""What a strategy gives the training loop: its phases, or, for a `SelfRunningStrategy`, the whole run."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..arguments import FineTuneArguments
+    from accelerate import Accelerator
+    from peft import PeftModel
 
-__all__ = ["Phase", "Strategy"]
+    from ..arguments import FineTuneArguments, FineTuneResult
+    from ..loop import Examples
+
+__all__ = ["Phase", "SelfRunningStrategy", "Strategy"]
 
 
 @dataclass(frozen=True)
@@ -30,3 +34,17 @@ class Strategy(Protocol):
     uses_blocks: bool  # whether it trains `FineTuneArguments.blocks` (which then may not be empty)
 
     def phases(self, args: FineTuneArguments) -> list[Phase]: ...
+
+
+class SelfRunningStrategy(Strategy, Protocol):
+    """A strategy that does not run minibatch epochs (e.g. full-batch NoisyGD): `fine_tune` hands it the model with
+    its surgical adapter (`FineTuneArguments.adapter_blocks()`, from `phases`) and returns what `run` returns."""
+
+    def run(
+        self,
+        model: PeftModel,
+        train_dataset: Examples,
+        eval_dataset: Examples | None,
+        args: FineTuneArguments,
+        accelerator: Accelerator,
+    ) -> FineTuneResult: ...

@@ -1,0 +1,67 @@
+"""`PrivacyArguments`: the privacy budget and the NoisyGD settings of a private linear probe.
+
+Example:
+    >>> PrivacyArguments(epsilon=2.0).delta
+    1e-05
+    >>> PrivacyArguments(epsilon=0.0)
+    Traceback (most recent call last):
+    ...
+    surgical_peft.errors.InputError: epsilon must be a finite number > 0, got 0.0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ..errors import InputError
+from .accounting import check_delta, check_epsilon
+
+__all__ = ["PrivacyArguments"]
+
+
+@dataclass
+class PrivacyArguments:
+    """How to train a private linear probe (`strategy="dp-linear-probe"`).
+
+    Args:
+        epsilon: the privacy budget, finite and > 0; the run spends at most this much.
+        delta: the budget's delta, in (0, 1) and below 1 / (number of private examples).
+        feature_norm: L2-normalise the head's input features (the probe then has no bias; see
+            `surgical_peft.privacy.transform`).
+        pca_dim: project the features on their top `pca_dim` principal directions, fitted on `public_dataset`.
+        public_dataset: public examples (`{"pixel_values", "labels"}`, e.g. the source split), used only to fit the
+            PCA basis, which needs it; never the private target.
+        steps: full-batch NoisyGD steps (each one spends privacy: more steps, more noise per step).
+        learning_rate: NoisyGD step size on the noisy mean gradient.
+        clipping_norm: bound on each example's gradient norm (the sensitivity); with `feature_norm`, gradients are
+            at most sqrt(2) already, so a bound of sqrt(2) or more clips nothing.
+        noise_seed: seeds the noise, for reproducible experiments only (`None`: fresh entropy from the operating
+            system; anyone who knows the seed can remove the noise).
+    """
+
+    epsilon: float
+    delta: float = 1e-5
+    feature_norm: bool = False
+    pca_dim: int | None = None
+    public_dataset: Dataset | Sequence[dict[str, Any]] | None = None
+    steps: int = 100
+    learning_rate: float = 5.0
+    clipping_norm: float = 1.0
+    noise_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_epsilon(self.epsilon)
+        check_delta(self.delta)
+        if self.steps < 1:
+            raise InputError(f"steps must be at least 1, got {self.steps}.")
+        for name in ("learning_rate", "clipping_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise InputError(f"{name} must be a finite number > 0, got {value!r}.")
+        if self.pca_dim is not None and self.pca_dim < 1:
+            raise InputError(f"pca_dim must be at least 1, got {self.pca_dim}.")

@@ -1,0 +1,64 @@
+"""Differentially private linear probing: NoisyGD of the head on the frozen backbone's features (Wang et al., 2024).
+
+The strategy runs itself (`run`) instead of the loop's minibatch epochs: one forward pass over the private target
+computes the head's input features, full-batch NoisyGD trains the head on them (`surgical_peft.privacy`), and the
+head ends as a normal surgical adapter on block `head`. Its settings are `FineTuneArguments.privacy`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch.utils.data import DataLoader
+
+from ...blocks import HEAD
+from ...errors import InputError
+from ...privacy import private_linear_probe
+from ..arguments import FineTuneArguments, FineTuneResult
+from ..evaluation import evaluate_accuracy
+from ._base import Phase
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from peft import PeftModel
+
+    from ..loop import Examples
+
+__all__ = ["STRATEGY"]
+
+
+class DPLinearProbe:
+    uses_blocks = False
+    description = "the head by NoisyGD on frozen features, (epsilon, delta)-differentially private"
+
+    def phases(self, args: FineTuneArguments) -> list[Phase]:
+        return [Phase("dp-linear-probe", [HEAD], 1, args.learning_rate)]  # what the adapter holds; `run` trains
+
+    def run(
+        self,
+        model: PeftModel,
+        train_dataset: Examples,
+        eval_dataset: Examples | None,
+        args: FineTuneArguments,
+        accelerator: Accelerator,
+    ) -> FineTuneResult:
+        """Train the head privately; the metrics hold only `eval_accuracy` (a training loss would be a release
+        about the private data that the budget does not cover)."""
+        if args.privacy is None:
+            raise InputError("strategy='dp-linear-probe' needs privacy=PrivacyArguments(epsilon=...).")
+        if accelerator.num_processes > 1:
+            raise InputError(
+                "dp-linear-probe trains on one process (full-batch NoisyGD on features computed once); run it without "
+                f"accelerate launch, not on {accelerator.num_processes} processes."
+            )
+        model.to(accelerator.device)
+        privacy = private_linear_probe(model, train_dataset, args.privacy, batch_size=args.batch_size)
+        metrics: dict[str, float] = {}
+        if eval_dataset is not None:
+            loader = accelerator.prepare(DataLoader(eval_dataset, batch_size=args.batch_size))
+            metrics["eval_accuracy"] = evaluate_accuracy(model, loader, accelerator)
+        history = [{"phase": "dp-linear-probe", "steps": privacy["steps"], **metrics}]
+        return FineTuneResult(model=model, metrics=metrics, history=history, privacy=privacy)
+
+
+STRATEGY = DPLinearProbe()

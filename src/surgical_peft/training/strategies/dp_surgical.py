@@ -1,0 +1,122 @@
+"""Differentially private surgical fine-tuning: DP-SGD of the chosen blocks with Opacus (`pip install
+'surgical-peft[dp]'`).
+
+Opacus computes per-sample gradients of the trained blocks only, clips each to `privacy.clipping_norm`, adds
+Gaussian noise calibrated to (`privacy.epsilon`, `privacy.delta`) for `args.epochs` epochs of Poisson-sampled batches
+of expected size `args.batch_size`, and accounts with its RDP accountant. A BatchNorm layer mixes the examples of a
+batch, so Opacus refuses it in trainable modules: a block holding one stops before training. Frozen blocks keep
+their BatchNorm layers in eval mode (the tuner's rule), so no running statistic moves on private data.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ...blocks import list_blocks
+from ...errors import InputError
+from ...privacy import check_delta
+from ..arguments import FineTuneArguments, FineTuneResult
+from ..evaluation import evaluate_accuracy
+from ..optimizer import make_optimizer
+from ._base import Phase
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from peft import PeftModel
+
+    from ..loop import Examples
+
+__all__ = ["STRATEGY", "check_blocks"]
+
+ACCOUNTANT = "rdp"
+
+
+def check_blocks(model: nn.Module, blocks: list[str]) -> None:
+    """An `InputError` if a block to train by DP-SGD holds a BatchNorm layer (Opacus has no per-sample gradient for
+    it), naming the alternatives."""
+    block_map = list_blocks(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    norms = [
+        f"{path}.{name}" if name else path
+        for path in block_map.target_modules(blocks)
+        for name, module in base.get_submodule(path).named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
+    if norms:
+        raise InputError(
+            f"dp-surgical cannot train {', '.join(blocks)}: it holds BatchNorm layers ({', '.join(norms[:3])}"
+            f"{', ...' if len(norms) > 3 else ''}), whose batch statistics mix examples, and Opacus computes no "
+            "per-sample gradients for them. Use --strategy dp-linear-probe, or a LayerNorm block (ViT, DeiT, DINOv2, "
+            "ConvNeXt)."
+        )
+
+
+class DPSurgical:
+    uses_blocks = True
+    description = "the chosen blocks by DP-SGD with Opacus (no BatchNorm blocks), differentially private"
+
+    def phases(self, args: FineTuneArguments) -> list[Phase]:
+        return [Phase("dp-surgical", list(args.blocks), args.epochs, args.learning_rate)]
+
+    def run(
+        self,
+        model: PeftModel,
+        train_dataset: Examples,
+        eval_dataset: Examples | None,
+        args: FineTuneArguments,
+        accelerator: Accelerator,
+    ) -> FineTuneResult:
+        """DP-SGD of `args.blocks`; the metrics hold only `eval_accuracy` (a training loss is not accounted for)."""
+        privacy = args.privacy
+        if privacy is None or accelerator.num_processes > 1:
+            raise InputError("dp-surgical needs privacy=PrivacyArguments(epsilon=...) and runs on one process.")
+        check_delta(privacy.delta, len(train_dataset))
+        check_blocks(model, args.blocks)
+        try:
+            from opacus import PrivacyEngine
+        except ImportError as error:
+            raise InputError("dp-surgical needs Opacus: pip install 'surgical-peft[dp]'.") from error
+        model.base_model.set_requires_grad(model.active_adapter, True)
+        model.base_model.train_only(list_blocks(model).target_modules(args.blocks))
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        engine = PrivacyEngine(accountant=ACCOUNTANT)
+        private, optimizer, loader = engine.make_private_with_epsilon(
+            module=model,
+            optimizer=make_optimizer(parameters, args.learning_rate, args),
+            data_loader=DataLoader(train_dataset, batch_size=args.batch_size),
+            target_epsilon=privacy.epsilon,
+            target_delta=privacy.delta,
+            epochs=args.epochs,
+            max_grad_norm=privacy.clipping_norm,
+        )
+        private.train()
+        for _ in range(args.epochs):
+            for batch in loader:
+                logits = private(pixel_values=batch["pixel_values"]).logits
+                nn.functional.cross_entropy(logits, batch["labels"]).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        private.remove_hooks()
+        model = private._module  # the PeftModel that Opacus's GradSampleModule wraps
+        model.base_model.train_only(None)
+        metrics: dict[str, float] = {}
+        if eval_dataset is not None:
+            metrics["eval_accuracy"] = evaluate_accuracy(model, DataLoader(eval_dataset, batch_size=args.batch_size))
+        record = {
+            "epsilon": engine.get_epsilon(privacy.delta),
+            "delta": privacy.delta,
+            "accountant": ACCOUNTANT,
+            "mechanism": "DP-SGD",
+            "noise_multiplier": optimizer.noise_multiplier,
+            "steps": sum(steps for _, _, steps in engine.accountant.history),
+            "sample_rate": loader.sample_rate,
+            "clipping_norm": privacy.clipping_norm,
+        }
+        history = [{"phase": "dp-surgical", "epochs": args.epochs, **metrics}]
+        return FineTuneResult(model=model, metrics=metrics, history=history, privacy=record)
+
+
+STRATEGY = DPSurgical()
