@@ -4,6 +4,10 @@ Each phase (see `surgical_peft.training.strategies`) gets its own optimizer and 
 (`epoch.train_epoch`), evaluates after each one and checkpoints it (`checkpoint`); a rerun with the same `output_dir`
 resumes from the latest checkpoint. Only the main process shows progress bars and writes files.
 
+A resumed run is bit-identical to the uninterrupted one: the checkpoint holds the model, optimizer and RNG states,
+and the data order of an epoch depends only on the seed, the phase and the epoch (`epoch_seed`), not on what ran in
+this process before it.
+
 Example:
     >>> import torch
     >>> from transformers import ResNetConfig, ResNetForImageClassification
@@ -26,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -34,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..blocks import ALL, AUTO, BlockMap, list_blocks
+from ..errors import InputError
 from ..features import FeatureCache, IndexedDataset
 from ..selection import select_blocks
 from ..tuner import SurgicalConfig
@@ -45,7 +51,7 @@ from .evaluation import evaluate_accuracy
 from .optimizer import make_optimizer, scale_learning_rates_by_rgn
 from .strategies._base import Phase
 
-__all__ = ["fine_tune"]
+__all__ = ["epoch_seed", "fine_tune"]
 
 Examples = Dataset | Sequence[dict[str, Any]]
 
@@ -60,9 +66,20 @@ class _Run:
     block_map: BlockMap
     train_dataset: Examples
     train_loader: DataLoader
+    shuffle: torch.Generator  # the training loader's generator, seeded at the start of every epoch
     eval_loader: DataLoader | None
     progress: Progress
     resume_from: Path | None  # the checkpoint to load when its phase starts
+
+
+def epoch_seed(seed: int, phase: int, epoch: int) -> int:
+    """The seed of the training data's order in epoch `epoch` of phase `phase` (both from 0) of a run seeded `seed`.
+
+    Example:
+        >>> epoch_seed(0, 0, 1) == epoch_seed(0, 0, 1) != epoch_seed(0, 0, 2)
+        True
+    """
+    return int(np.random.SeedSequence([seed, phase, epoch]).generate_state(1, np.uint64)[0])
 
 
 def _resolve_auto(
@@ -96,7 +113,7 @@ def _start(
     accelerator: Accelerator,
 ) -> _Run:
     peft_model = _surgical_model(model, args)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator()
     indexed = IndexedDataset(train_dataset) if args.cache_features else train_dataset  # the cache keys by index
     resume = latest_checkpoint(args.output_dir)
     return _Run(
@@ -106,6 +123,7 @@ def _start(
         block_map=list_blocks(peft_model),
         train_dataset=train_dataset,
         train_loader=DataLoader(indexed, batch_size=args.batch_size, shuffle=True, generator=generator),
+        shuffle=generator,
         eval_loader=DataLoader(eval_dataset, batch_size=args.batch_size) if eval_dataset is not None else None,
         progress=resume[1] if resume else Progress(),
         resume_from=resume[0] if resume else None,
@@ -142,7 +160,9 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
     run.progress.epochs_done += [0] * (index + 1 - len(run.progress.epochs_done))
     cache = _feature_cache(run, model, phase)
     accuracy = None
-    for epoch in range(run.progress.epochs_done[index], phase.epochs):
+    first = run.progress.epochs_done[index] if index >= run.progress.phase else phase.epochs  # a later phase began
+    for epoch in range(first, phase.epochs):
+        run.shuffle.manual_seed(epoch_seed(args.seed, index, epoch))
         if args.lr_mode == "rgn":
             scale_learning_rates_by_rgn(optimizer, model, parameters, loader, accelerator, phase.learning_rate)
         description = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
@@ -156,7 +176,7 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
         run.progress.epochs_done[index] = epoch + 1
         run.progress.phase = index
         if args.output_dir is not None:
-            save_checkpoint(accelerator, run.progress)
+            save_checkpoint(accelerator, args.output_dir, run.progress)
     wrapped = model is not run.model
     run.model = accelerator.unwrap_model(model)
     if wrapped:  # drop the DDP/FSDP wrapper before the next phase changes what is trainable
@@ -178,11 +198,21 @@ def fine_tune(
     A plain model gets a surgical adapter holding every block the strategy trains (`args.adapter_blocks()`); a
     `PeftModel` is trained as it is (its active adapter). Returns the `PeftModel` (unwrapped from DDP), the final
     metrics (`train_loss`, `eval_accuracy` when `eval_dataset` is given) and per-epoch history. With
-    `args.output_dir`, every epoch is checkpointed there and a rerun resumes from the latest checkpoint.
+    `args.output_dir`, every epoch is checkpointed there and a rerun resumes from the latest checkpoint, bit-identical
+    to an uninterrupted run.
+
+    Raises:
+        InputError: for fp16 on a CPU, or a caller's `accelerator` that names checkpoints itself.
+        TrainingError: when a loss or a trained tensor is not finite (nothing of that epoch is saved).
     """
     args = args or FineTuneArguments()
     callers_accelerator = accelerator is not None
     accelerator = accelerator or make_accelerator(args)
+    if args.output_dir is not None and accelerator.project_configuration.automatic_checkpoint_naming:
+        raise InputError(
+            "fine_tune names its checkpoints itself (under output_dir/checkpoints); pass an Accelerator without "
+            "ProjectConfiguration(automatic_checkpoint_naming=True), or no output_dir."
+        )
     set_seed(args.seed)
     if args.blocks == [AUTO]:
         args = _resolve_auto(model, train_dataset, args, accelerator)
