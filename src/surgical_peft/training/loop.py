@@ -4,9 +4,10 @@ Each phase (see `surgical_peft.training.strategies`) gets its own optimizer and 
 (`epoch.train_epoch`), evaluates after each one and checkpoints it (`checkpoint`); a rerun with the same `output_dir`
 resumes from the latest checkpoint. Only the main process shows progress bars and writes files.
 
-A resumed run is bit-identical to the uninterrupted one: the checkpoint holds the model, optimizer and RNG states,
-and the data order of an epoch depends only on the seed, the phase and the epoch (`epoch_seed`), not on what ran in
-this process before it.
+A resumed run is bit-identical to the uninterrupted one: the checkpoint holds the model, optimizer and RNG states;
+the data order of an epoch depends only on the seed, the phase and the epoch (`epoch_seed`), not on what ran in this
+process before it; and a feature cache is refilled as the epochs before the checkpoint filled it (the frozen prefix
+gives other bits for one example alone than in a batch, so the batches it ran on matter).
 
 Example:
     >>> import torch
@@ -72,14 +73,15 @@ class _Run:
     resume_from: Path | None  # the checkpoint to load when its phase starts
 
 
-def epoch_seed(seed: int, phase: int, epoch: int) -> int:
-    """The seed of the training data's order in epoch `epoch` of phase `phase` (both from 0) of a run seeded `seed`.
+def epoch_seed(seed: int, phase: int, epoch: int, *, rgn: bool = False) -> int:
+    """The seed of the training data's order in epoch `epoch` of phase `phase` (both from 0) of a run seeded `seed`
+    (with `rgn`: of the batches Auto-RGN scores before that epoch).
 
     Example:
         >>> epoch_seed(0, 0, 1) == epoch_seed(0, 0, 1) != epoch_seed(0, 0, 2)
         True
     """
-    return int(np.random.SeedSequence([seed, phase, epoch]).generate_state(1, np.uint64)[0])
+    return int(np.random.SeedSequence([seed, phase, epoch, int(rgn)]).generate_state(1, np.uint64)[0])
 
 
 def _resolve_auto(
@@ -145,6 +147,17 @@ def _feature_cache(run: _Run, model: nn.Module, phase: Phase) -> FeatureCache | 
     return FeatureCache(model, deterministic=True, max_bytes=run.args.cache_max_bytes, data=run.train_dataset)
 
 
+def _refill_cache(run: _Run, loader: DataLoader, cache: FeatureCache, index: int, epochs: int) -> None:
+    """Fill `cache` as the first `epochs` epochs of phase `index` filled it, batch by batch, without training."""
+    run.model.eval()
+    with torch.no_grad():
+        for epoch in range(epochs):
+            run.shuffle.manual_seed(epoch_seed(run.args.seed, index, epoch))
+            for batch in loader:
+                with cache.batch(batch.pop("index")):
+                    run.model(pixel_values=batch["pixel_values"])
+
+
 def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
     """Train `phase` from where the run stands; returns the eval accuracy after its last epoch run here, if any."""
     args, accelerator = run.args, run.accelerator
@@ -160,11 +173,15 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
     run.progress.epochs_done += [0] * (index + 1 - len(run.progress.epochs_done))
     cache = _feature_cache(run, model, phase)
     accuracy = None
-    first = run.progress.epochs_done[index] if index >= run.progress.phase else phase.epochs  # a later phase began
+    # A phase before the checkpoint's is over, even if its epochs were raised since (e.g. lp_epochs on a rerun).
+    first = run.progress.epochs_done[index] if index >= run.progress.phase else phase.epochs
+    if cache is not None and 0 < first < phase.epochs:
+        _refill_cache(run, loader, cache, index, first)
     for epoch in range(first, phase.epochs):
-        run.shuffle.manual_seed(epoch_seed(args.seed, index, epoch))
         if args.lr_mode == "rgn":
+            run.shuffle.manual_seed(epoch_seed(args.seed, index, epoch, rgn=True))
             scale_learning_rates_by_rgn(optimizer, model, parameters, loader, accelerator, phase.learning_rate)
+        run.shuffle.manual_seed(epoch_seed(args.seed, index, epoch))
         description = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
         loss = train_epoch(
             model, loader, optimizer, accelerator, cache=cache, description=description, progress=args.progress
