@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from surgical_peft.cli.recipe import add_training_arguments, print_summary, run_training
-from surgical_peft.errors import InputError
+from surgical_peft.errors import SurgicalPeftError
 from surgical_peft.experiments.demo import demo
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = add_training_arguments(parser).parse_args()
     try:
         print_summary(run_training(args))
-    except InputError as error:
+    except SurgicalPeftError as error:  # bad input, or training stopped (a non-finite loss)
         parser.error(str(error))  # exit status 2
 
 

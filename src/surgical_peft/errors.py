@@ -2,7 +2,8 @@
 
 `InputError` is a `ValueError`: a bad value or combination given by the caller (a block name, a shift, a learning
 rate, a directory), found before anything is changed. Its message names the bad value and the valid choices. The
-command line reports it as one line and exit status 2.
+command line reports it as one line and exit status 2. `TrainingError`: training had to stop (a non-finite loss);
+nothing of the failed epoch is saved.
 
 Example:
     >>> from surgical_peft.errors import InputError, SurgicalPeftError
@@ -12,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["InputError", "SurgicalPeftError"]
+__all__ = ["InputError", "SurgicalPeftError", "TrainingError"]
 
 
 class SurgicalPeftError(Exception):
@@ -21,3 +22,7 @@ class SurgicalPeftError(Exception):
 
 class InputError(SurgicalPeftError, ValueError):
     """Bad input, found before anything was changed; the message names the problem and the valid choices."""
+
+
+class TrainingError(SurgicalPeftError):
+    """Training stopped (e.g. a non-finite loss); the message names where, and nothing of that epoch was saved."""

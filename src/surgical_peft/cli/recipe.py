@@ -39,7 +39,8 @@ from ..experiments.data import DIGITS, load_image_dataset, make_target
 from ..experiments.demo import SOURCE_MODEL
 from ..experiments.shifts import CORRUPTIONS
 from ..hub import push_adapter, render_model_card, save_adapter_with_card
-from ..training import LR_MODES, STRATEGIES, FineTuneArguments, fine_tune
+from ..training import LR_MODES, MIXED_PRECISION, STRATEGIES, FineTuneArguments, fine_tune
+from ..training.accelerator import check_mixed_precision
 from ..tuner import DELTA_DTYPES
 from .models import LoadedModel, load_model
 from .options import MODEL_HELP, add_cache_dir_option, add_target_options
@@ -63,6 +64,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--split", default="train", help="dataset split to use (default: %(default)s)")
     data.add_argument("--image-column", help="image column (default: the first datasets.Image column)")
     data.add_argument("--label-column", help="label column (default: the first ClassLabel column)")
+    data.add_argument(
+        "--skip-unreadable-images",
+        action="store_true",
+        help="leave out images that cannot be decoded (named in a warning) instead of stopping",
+    )
     add_target_options(data, train_n=_DEFAULT_TRAIN_N)
     data.add_argument("--eval-n", type=int, help="target evaluation images (default: the rest of the target half)")
     add_cache_dir_option(data)
@@ -114,7 +120,9 @@ def _add_fine_tuning_arguments(parser: argparse.ArgumentParser) -> None:
         help="batches per optimizer step (default: %(default)s)",
     )
     train.add_argument(
-        "--mixed-precision", choices=("no", "fp16", "bf16"), help="default: as configured for accelerate launch"
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        help="fp16 needs a GPU (default: as configured for accelerate launch)",
     )
     train.add_argument("--delta-dtype", choices=DELTA_DTYPES, help="dtype of the saved deltas (default: the weights')")
     train.add_argument(
@@ -250,6 +258,9 @@ def _quiet(state: PartialState, progress: bool) -> None:
 
 def _output_dir(args: argparse.Namespace, fine_tune_args: FineTuneArguments) -> Path:
     output_dir = Path(args.output_dir or Path("outputs") / _run_name(args, fine_tune_args.blocks))
+    existing = next(path for path in (output_dir, *output_dir.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise InputError(f"--output-dir {output_dir}: {existing} is a file, not a directory. Pass a directory.")
     if args.push_to_hub:
         try:
             validate_repo_id(args.hub_model_id or output_dir.name)
@@ -279,10 +290,15 @@ def _load_checked_model(
 def _prepare(args: argparse.Namespace, state: PartialState) -> _Run:
     _quiet(state, args.progress)
     fine_tune_args = fine_tune_arguments(args)
+    check_mixed_precision(fine_tune_args.mixed_precision, state.device)
     output_dir = _output_dir(args, fine_tune_args)
     settings = _check_resumable(output_dir, args)
     dataset = load_image_dataset(
-        args.dataset, split=args.split, image_column=args.image_column, label_column=args.label_column
+        args.dataset,
+        split=args.split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        skip_unreadable=args.skip_unreadable_images,
     )
     splits = make_target(
         dataset, args.shift, train_n=args.train_n, eval_n=args.eval_n, severity=args.severity, seed=args.seed

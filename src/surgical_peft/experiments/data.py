@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -103,8 +105,60 @@ def _find_column(dataset: datasets.Dataset, column: str | None, kind: type, role
     return found[0]
 
 
+def _unreadable_images(dataset: datasets.Dataset, column: str) -> list[tuple[int, str]]:
+    """The rows of `column` whose image cannot be decoded, with the file (or row) each came from."""
+    unreadable = []
+    raw = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    for row, example in enumerate(raw):
+        image = example[column]
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
+        try:
+            with Image.open(source) as opened:
+                opened.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # PIL's ways to fail
+            unreadable.append((row, f"{image.get('path') or f'row {row}'} ({type(error).__name__})"))
+    return unreadable
+
+
+def _drop_unreadable(dataset: datasets.Dataset, column: str, skip: bool) -> datasets.Dataset:
+    """`dataset` without its unreadable images when `skip`; an `InputError` naming them otherwise."""
+    unreadable = _unreadable_images(dataset, column)
+    if not unreadable:
+        return dataset
+    names = ", ".join(name for _, name in unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
+    if not skip:
+        raise InputError(
+            f"{len(unreadable)} image(s) of the dataset cannot be read: {names}. Remove or fix them, or skip them "
+            "(skip_unreadable=True; on the command line --skip-unreadable-images)."
+        )
+    warnings.warn(f"Skipping {len(unreadable)} unreadable image(s): {names}.", stacklevel=3)
+    bad = {row for row, _ in unreadable}
+    return dataset.select([row for row in range(dataset.num_rows) if row not in bad])
+
+
+def _check_classes(dataset: datasets.Dataset, source: str, label_column: str | None) -> None:
+    """A clear error for a dataset of one class (`imagefolder` then gives it no label column at all)."""
+    classes = None
+    if label_column is None and os.path.isdir(source) and "label" not in dataset.column_names:
+        folders = [entry.name for entry in os.scandir(source) if entry.is_dir() and not entry.name.startswith(".")]
+        classes = folders if len(folders) == 1 else None
+    elif isinstance(dataset.features.get(label_column or "label"), datasets.ClassLabel):
+        names = dataset.features[label_column or "label"].names
+        classes = names if len(names) < 2 else None
+    if classes is not None:
+        raise InputError(
+            f"The dataset {source!r} has {len(classes)} class ({', '.join(classes) or 'none'}): a classifier needs at "
+            "least two. An imagefolder directory holds one folder of images per class."
+        )
+
+
 def load_image_dataset(
-    source: str, *, split: str = "train", image_column: str | None = None, label_column: str | None = None
+    source: str,
+    *,
+    split: str = "train",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    skip_unreadable: bool = False,
 ) -> datasets.Dataset:
     """Load an image classification dataset as two columns, `image` (`datasets.Image`) and `label` (`ClassLabel`).
 
@@ -116,9 +170,13 @@ def load_image_dataset(
         image_column: the image column; default: the first column with the `datasets.Image` feature.
         label_column: the label column; default: the first `ClassLabel` column. A column of integers or strings
             is encoded as a `ClassLabel`.
+        skip_unreadable: leave out the images that cannot be decoded (with a warning naming them) instead of
+            refusing the dataset. Every image is decoded once to find them (not for the built-in digits).
 
     Raises:
-        ValueError: if the dataset cannot be found, or has no image or label column (the message lists its columns).
+        ValueError: if the dataset cannot be found, has no image or label column (the message lists its columns),
+            has one class, or holds unreadable images (the message names their files); for the built-in digits, a
+            column name other than its own.
 
     Example:
         >>> import tempfile
@@ -136,6 +194,13 @@ def load_image_dataset(
     if source == DIGITS:
         if split != "train":
             raise InputError(f"The built-in {DIGITS!r} dataset has only a 'train' split, not {split!r}.")
+        named = {"image_column": (image_column, "image"), "label_column": (label_column, "label")}
+        for argument, (column, own) in named.items():
+            if column not in (None, own):
+                raise InputError(
+                    f"{argument}={column!r} does not apply to the built-in {DIGITS!r} dataset, whose columns are "
+                    "image and label; it names a column of a Hub or local dataset."
+                )
         return load_digits()
     try:
         dataset = datasets.load_dataset(source, split=split)
@@ -145,11 +210,13 @@ def load_image_dataset(
             f"Cannot load dataset {source!r} as a {where}: {error}. Valid sources: a Hub dataset id (cached when "
             f"offline), an imagefolder directory, or {DIGITS!r}."
         ) from error
+    _check_classes(dataset, source, label_column)
     image = _find_column(dataset, image_column, datasets.Image, "image", "image_column")
     label = _find_column(dataset, label_column, datasets.ClassLabel, "label", "label_column")
     dataset = dataset.select_columns([image, label])
     if not isinstance(dataset.features[image], datasets.Image):
         raise InputError(f"Column {image!r} must hold images (datasets.Image), got {dataset.features[image]}.")
+    dataset = _drop_unreadable(dataset, image, skip_unreadable)
     if not isinstance(dataset.features[label], datasets.ClassLabel):
         dataset = dataset.class_encode_column(label)
     return dataset.rename_columns({old: new for old, new in ((image, "image"), (label, "label")) if old != new})

@@ -17,9 +17,17 @@ Example:
     (True, ['head', 'stage1'])
 """
 
-from .arguments import LR_MODES, FineTuneArguments, FineTuneResult
+from .arguments import LR_MODES, MIXED_PRECISION, FineTuneArguments, FineTuneResult
 from .evaluation import evaluate_accuracy
 from .loop import fine_tune
 from .strategies import STRATEGIES
 
-__all__ = ["LR_MODES", "STRATEGIES", "FineTuneArguments", "FineTuneResult", "evaluate_accuracy", "fine_tune"]
+__all__ = [
+    "LR_MODES",
+    "MIXED_PRECISION",
+    "STRATEGIES",
+    "FineTuneArguments",
+    "FineTuneResult",
+    "evaluate_accuracy",
+    "fine_tune",
+]

@@ -6,10 +6,15 @@ Example:
     [('linear-probe', ['head']), ('fine-tune', ['stage1', 'head'])]
     >>> FineTuneArguments(blocks=["all"]).strategy  # every block: full fine-tuning
     'full'
+    >>> FineTuneArguments(learning_rate=float("nan"))
+    Traceback (most recent call last):
+    ...
+    surgical_peft.errors.InputError: learning_rate must be a finite number above 0, got nan.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +28,15 @@ if TYPE_CHECKING:
     from ..privacy import PrivacyArguments
     from .strategies._base import Phase
 
-__all__ = ["LR_MODES", "FineTuneArguments", "FineTuneResult"]
+__all__ = ["LR_MODES", "MIXED_PRECISION", "FineTuneArguments", "FineTuneResult"]
 
 LR_MODES = ("constant", "rgn")
 """`constant`, or `rgn`: each tensor's learning rate scaled by its relative gradient norm, every epoch (Auto-RGN)."""
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+"""Accelerate's mixed precision modes."""
+
+_MAX_SEED = 2**32 - 1  # numpy's bound, which Accelerate's `set_seed` seeds too
 
 
 @dataclass
@@ -53,7 +63,8 @@ class FineTuneArguments:
         modules_to_save: modules trained and saved in full (a newly initialised head).
         delta_dtype: dtype of the saved deltas (`None`, "bfloat16", "float16").
         mixed_precision: "no", "fp16" or "bf16" for Accelerate; `None` takes it from `accelerate launch`/config.
-        seed: seeds data order and initialisation on every process.
+            fp16 needs a GPU (`make_accelerator` refuses it on a CPU, where it would change nothing).
+        seed: seeds data order and initialisation on every process (0 to 2**32 - 1).
         output_dir: where checkpoints (one per epoch, the latest kept) go; a rerun resumes from the latest.
         progress: show progress bars (main process only).
         cache_features: compute the frozen prefix in front of the first trained block once per example and reuse it
@@ -100,14 +111,31 @@ class FineTuneArguments:
             self.strategy = "full"
         if not self.blocks and STRATEGIES.get(self.strategy).uses_blocks:
             raise InputError(f"strategy={self.strategy!r} needs at least one block to tune.")
-        for name in ("epochs", "batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if not 0 < self.lr_decay <= 1:
-            raise InputError(f"lr_decay must be in (0, 1] (1: no decay), got {self.lr_decay}.")
+        self._check_numbers()
         if self.lr_decay != 1 and self.lr_mode == "rgn":
             raise InputError("lr_decay and lr_mode='rgn' both set per-tensor learning rates: choose one.")
         self.phases()  # a strategy checks what it needs (e.g. alternate: several blocks)
+
+    def _check_numbers(self) -> None:
+        """Refuse numeric settings outside their range (a NaN is outside every range)."""
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "lp_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"{name} must be at least 1, got {value}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise InputError(f"learning_rate must be a finite number above 0, got {self.learning_rate}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InputError(f"weight_decay must be a finite number of at least 0, got {self.weight_decay}.")
+        if not 0 <= self.seed <= _MAX_SEED:
+            raise InputError(f"seed must be between 0 and {_MAX_SEED}, got {self.seed}.")
+        if not 0 < self.lr_decay <= 1:  # (a NaN fails this too)
+            raise InputError(f"lr_decay must be in (0, 1] (1: no decay), got {self.lr_decay}.")
+        if self.cache_max_bytes < 0:
+            raise InputError(f"cache_max_bytes must be at least 0, got {self.cache_max_bytes}.")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            raise InputError(
+                f"Unknown mixed_precision {self.mixed_precision!r}. Valid: {', '.join(MIXED_PRECISION)} (or None)."
+            )
 
     def phases(self) -> list[Phase]:
         """The phases of the strategy, in order."""

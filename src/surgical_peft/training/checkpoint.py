@@ -1,10 +1,30 @@
-"""Checkpoints of a run, one per epoch under `<output_dir>/checkpoints`: model, optimizer and RNG states (Accelerate's
-`save_state`) and a progress file, written last, that marks the checkpoint complete."""
+"""Checkpoints of a run, one per epoch under `<output_dir>/checkpoints/checkpoint_<n>` (`n` counts the epochs done,
+from 0): model, optimizer and RNG states (Accelerate's `save_state`) and a progress file, written last, that marks the
+checkpoint complete.
+
+From the first epoch on, a complete checkpoint exists at every instant, whenever the process is killed: a new one is
+written, flushed to disk (fsync), marked complete by its progress file (written to a temporary file, flushed and
+renamed into place), and only then are the older ones deleted. A rerun resumes from the newest complete checkpoint;
+incomplete ones (no progress file) are never read, and entries of `checkpoints/` that are not `checkpoint_<n>`
+directories (`.DS_Store`, a `checkpoint_backup/` of the user's) are left alone.
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> output_dir = Path(tempfile.mkdtemp())
+    >>> (output_dir / "checkpoints" / "checkpoint_backup").mkdir(parents=True)
+    >>> (output_dir / "checkpoints" / "checkpoint_3").mkdir()  # a write that was killed: no progress file
+    >>> latest_checkpoint(output_dir) is None
+    True
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +33,7 @@ from accelerate import Accelerator
 __all__ = ["Progress", "latest_checkpoint", "save_checkpoint"]
 
 _PROGRESS_FILE = "progress.json"
+_NAME = re.compile(r"checkpoint_(\d+)")
 
 
 @dataclass
@@ -23,22 +44,72 @@ class Progress:
     epochs_done: list[int] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def number(self) -> int:
+        """The number of the checkpoint that holds this progress: the epochs done over every phase, from 0."""
+        return sum(self.epochs_done) - 1
 
-def latest_checkpoint(output_dir: str | None) -> tuple[Path, Progress] | None:
+
+def _checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """The `checkpoint_<n>` directories under `output_dir/checkpoints`, oldest first; anything else is ignored."""
+    root = Path(output_dir, "checkpoints")
+    if not root.is_dir():
+        return []
+    found = [(int(match[1]), path) for path in root.iterdir() if (match := _NAME.fullmatch(path.name))]
+    return [path for _, path in sorted(found) if path.is_dir()]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike[str] | None) -> tuple[Path, Progress] | None:
     """The newest complete checkpoint under `output_dir/checkpoints` and the progress saved with it, if any."""
     if output_dir is None:
         return None
-    candidates = sorted(Path(output_dir, "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-    for checkpoint in reversed(candidates):
+    for checkpoint in reversed(_checkpoints(output_dir)):
         if (checkpoint / _PROGRESS_FILE).is_file():  # written last: a checkpoint without it is incomplete
             return checkpoint, Progress(**json.loads((checkpoint / _PROGRESS_FILE).read_text()))
     return None
 
 
-def save_checkpoint(accelerator: Accelerator, progress: Progress) -> None:
-    """Save model, optimizer and RNG states, then the progress file that marks the checkpoint complete."""
-    location = Path(accelerator.save_state())
-    if accelerator.is_main_process:
-        record = {"phase": progress.phase, "epochs_done": progress.epochs_done, "history": progress.history}
-        (location / _PROGRESS_FILE).write_text(json.dumps(record, indent=1))
+def _fsync(path: Path) -> None:
+    """Flush `path` (a file or a directory's entries) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _mark_complete(checkpoint: Path, progress: Progress) -> None:
+    """Flush every file of `checkpoint` to disk, then write its progress file atomically."""
+    for path in sorted(checkpoint.rglob("*"), reverse=True):  # files before the directories that hold them
+        _fsync(path)
+    _fsync(checkpoint)
+    partial = checkpoint / f".{_PROGRESS_FILE}.partial"
+    partial.write_text(json.dumps(asdict(progress), indent=1))
+    _fsync(partial)
+    os.replace(partial, checkpoint / _PROGRESS_FILE)
+    _fsync(checkpoint)
+    _fsync(checkpoint.parent)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint, its progress file first (so that a kill half-way leaves it incomplete, not corrupt)."""
+    (checkpoint / _PROGRESS_FILE).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike[str], progress: Progress) -> Path:
+    """Save model, optimizer and RNG states as checkpoint `progress.number`, mark it complete, then delete the older
+    checkpoints. Every process calls it; the main process writes the progress file and deletes. Returns its path."""
+    checkpoint = Path(output_dir, "checkpoints", f"checkpoint_{progress.number}")
+    if accelerator.is_main_process and checkpoint.exists():  # left incomplete by a killed run (never a complete one)
+        _remove(checkpoint)
     accelerator.wait_for_everyone()
+    accelerator.save_state(output_dir=str(checkpoint))
+    accelerator.wait_for_everyone()  # every process has written its part
+    if accelerator.is_main_process:
+        _mark_complete(checkpoint, progress)
+        for older in _checkpoints(output_dir):
+            if older != checkpoint:
+                _remove(older)
+    accelerator.wait_for_everyone()
+    return checkpoint

@@ -4,6 +4,11 @@ Each phase (see `surgical_peft.training.strategies`) gets its own optimizer and 
 (`epoch.train_epoch`), evaluates after each one and checkpoints it (`checkpoint`); a rerun with the same `output_dir`
 resumes from the latest checkpoint. Only the main process shows progress bars and writes files.
 
+A resumed run is bit-identical to the uninterrupted one: the checkpoint holds the model, optimizer and RNG states;
+the data order of an epoch depends only on the seed, the phase and the epoch (`epoch_seed`), not on what ran in this
+process before it; and a feature cache is refilled as the epochs before the checkpoint filled it (the frozen prefix
+gives other bits for one example alone than in a batch, so the batches it ran on matter).
+
 Example:
     >>> import torch
     >>> from transformers import ResNetConfig, ResNetForImageClassification
@@ -26,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -34,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..blocks import ALL, AUTO, BlockMap, list_blocks
+from ..errors import InputError
 from ..features import FeatureCache, IndexedDataset
 from ..selection import select_blocks
 from ..tuner import SurgicalConfig
@@ -46,7 +53,7 @@ from .optimizer import block_depths, make_optimizer, scale_learning_rates_by_rgn
 from .strategies import STRATEGIES
 from .strategies._base import Phase
 
-__all__ = ["fine_tune"]
+__all__ = ["epoch_seed", "fine_tune"]
 
 Examples = Dataset | Sequence[dict[str, Any]]
 
@@ -61,9 +68,21 @@ class _Run:
     block_map: BlockMap
     train_dataset: Examples
     train_loader: DataLoader
+    shuffle: torch.Generator  # the training loader's generator, seeded at the start of every epoch
     eval_loader: DataLoader | None
     progress: Progress
     resume_from: Path | None  # the checkpoint to load when its phase starts
+
+
+def epoch_seed(seed: int, phase: int, epoch: int, *, rgn: bool = False) -> int:
+    """The seed of the training data's order in epoch `epoch` of phase `phase` (both from 0) of a run seeded `seed`
+    (with `rgn`: of the batches Auto-RGN scores before that epoch).
+
+    Example:
+        >>> epoch_seed(0, 0, 1) == epoch_seed(0, 0, 1) != epoch_seed(0, 0, 2)
+        True
+    """
+    return int(np.random.SeedSequence([seed, phase, epoch, int(rgn)]).generate_state(1, np.uint64)[0])
 
 
 def _resolve_auto(
@@ -97,7 +116,7 @@ def _start(
     accelerator: Accelerator,
 ) -> _Run:
     peft_model = _surgical_model(model, args)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator()
     indexed = IndexedDataset(train_dataset) if args.cache_features else train_dataset  # the cache keys by index
     resume = latest_checkpoint(args.output_dir)
     return _Run(
@@ -107,6 +126,7 @@ def _start(
         block_map=list_blocks(peft_model),
         train_dataset=train_dataset,
         train_loader=DataLoader(indexed, batch_size=args.batch_size, shuffle=True, generator=generator),
+        shuffle=generator,
         eval_loader=DataLoader(eval_dataset, batch_size=args.batch_size) if eval_dataset is not None else None,
         progress=resume[1] if resume else Progress(),
         resume_from=resume[0] if resume else None,
@@ -128,6 +148,17 @@ def _feature_cache(run: _Run, model: nn.Module, phase: Phase) -> FeatureCache | 
     return FeatureCache(model, deterministic=True, max_bytes=run.args.cache_max_bytes, data=run.train_dataset)
 
 
+def _refill_cache(run: _Run, loader: DataLoader, cache: FeatureCache, index: int, epochs: int) -> None:
+    """Fill `cache` as the first `epochs` epochs of phase `index` filled it, batch by batch, without training."""
+    run.model.eval()
+    with torch.no_grad():
+        for epoch in range(epochs):
+            run.shuffle.manual_seed(epoch_seed(run.args.seed, index, epoch))
+            for batch in loader:
+                with cache.batch(batch.pop("index")):
+                    run.model(pixel_values=batch["pixel_values"])
+
+
 def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
     """Train `phase` from where the run stands; returns the eval accuracy after its last epoch run here, if any."""
     args, accelerator = run.args, run.accelerator
@@ -145,9 +176,15 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
     run.progress.epochs_done += [0] * (index + 1 - len(run.progress.epochs_done))
     cache = _feature_cache(run, model, phase)
     accuracy = None
-    for epoch in range(run.progress.epochs_done[index], phase.epochs):
+    # A phase before the checkpoint's is over, even if its epochs were raised since (e.g. lp_epochs on a rerun).
+    first = run.progress.epochs_done[index] if index >= run.progress.phase else phase.epochs
+    if cache is not None and 0 < first < phase.epochs:
+        _refill_cache(run, loader, cache, index, first)
+    for epoch in range(first, phase.epochs):
         if args.lr_mode == "rgn":
+            run.shuffle.manual_seed(epoch_seed(args.seed, index, epoch, rgn=True))
             scale_learning_rates_by_rgn(optimizer, model, parameters, loader, accelerator, phase.learning_rate)
+        run.shuffle.manual_seed(epoch_seed(args.seed, index, epoch))
         description = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
         loss = train_epoch(
             model, loader, optimizer, accelerator, cache=cache, description=description, progress=args.progress
@@ -159,7 +196,7 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
         run.progress.epochs_done[index] = epoch + 1
         run.progress.phase = index
         if args.output_dir is not None:
-            save_checkpoint(accelerator, run.progress)
+            save_checkpoint(accelerator, args.output_dir, run.progress)
     wrapped = model is not run.model
     run.model = accelerator.unwrap_model(model)
     if wrapped:  # drop the DDP/FSDP wrapper before the next phase changes what is trainable
@@ -181,11 +218,21 @@ def fine_tune(
     A plain model gets a surgical adapter holding every block the strategy trains (`args.adapter_blocks()`); a
     `PeftModel` is trained as it is (its active adapter). Returns the `PeftModel` (unwrapped from DDP), the final
     metrics (`train_loss`, `eval_accuracy` when `eval_dataset` is given) and per-epoch history. With
-    `args.output_dir`, every epoch is checkpointed there and a rerun resumes from the latest checkpoint.
+    `args.output_dir`, every epoch is checkpointed there and a rerun resumes from the latest checkpoint, bit-identical
+    to an uninterrupted run.
+
+    Raises:
+        InputError: for fp16 on a CPU, or a caller's `accelerator` that names checkpoints itself.
+        TrainingError: when a loss or a trained tensor is not finite (nothing of that epoch is saved).
     """
     args = args or FineTuneArguments()
     callers_accelerator = accelerator is not None
     accelerator = accelerator or make_accelerator(args)
+    if args.output_dir is not None and accelerator.project_configuration.automatic_checkpoint_naming:
+        raise InputError(
+            "fine_tune names its checkpoints itself (under output_dir/checkpoints); pass an Accelerator without "
+            "ProjectConfiguration(automatic_checkpoint_naming=True), or no output_dir."
+        )
     set_seed(args.seed)
     strategy = STRATEGIES.get(args.strategy)
     if hasattr(strategy, "run"):  # a strategy that runs itself (dp-linear-probe: full-batch NoisyGD)
