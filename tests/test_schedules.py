@@ -162,7 +162,10 @@ def test_a_schedule_resumes_mid_way(tmp_path: Path) -> None:
         ({"lr_decay": 0.0}, r"lr_decay must be in \(0, 1\] \(1: no decay\), got 0.0"),
         ({"lr_decay": 1.5}, r"lr_decay must be in \(0, 1\]"),
         ({"lr_decay": 0.5, "lr_mode": "rgn"}, r"lr_decay and lr_mode='rgn' both set per-tensor learning rates"),
-        ({"strategy": "cyclic"}, r"Unknown strategy 'cyclic'. Valid: alternate, full, gradual, linear-probe"),
+        (
+            {"strategy": "cyclic"},
+            r"Unknown strategy 'cyclic'. Valid: alternate, dp-linear-probe, dp-surgical, full, gradual, linear-probe",
+        ),
     ],
 )
 def test_bad_schedules(settings: dict, message: str) -> None:

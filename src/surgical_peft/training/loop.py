@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -43,7 +43,7 @@ from ..blocks import ALL, AUTO, BlockMap, list_blocks
 from ..errors import InputError
 from ..features import FeatureCache, IndexedDataset
 from ..selection import select_blocks
-from ..tuner import SurgicalConfig
+from ..tuner import SurgicalConfig, quiet_get_peft_model
 from .accelerator import make_accelerator
 from .arguments import FineTuneArguments, FineTuneResult
 from .checkpoint import Progress, latest_checkpoint, save_checkpoint
@@ -105,7 +105,7 @@ def _surgical_model(model: nn.Module, args: FineTuneArguments) -> PeftModel:
     config = SurgicalConfig(
         block=args.adapter_blocks(), modules_to_save=args.modules_to_save, delta_dtype=args.delta_dtype
     )
-    return get_peft_model(model, config)
+    return quiet_get_peft_model(model, config)
 
 
 def _start(

@@ -11,7 +11,7 @@ Example:
     'SurgicalConfig'
 """
 
-from ._internals import add_peft_type, register_method
+from ._internals import add_peft_type, quiet_get_peft_model, register_method
 
 SURGICAL = add_peft_type("SURGICAL")  # before the config is defined: its peft_type is a member of the enum
 
@@ -20,6 +20,6 @@ from .layer import SurgicalLayer  # noqa: E402
 from .model import SurgicalModel  # noqa: E402
 from .serialization import save_adapter  # noqa: E402
 
-__all__ = ["DELTA_DTYPES", "SurgicalConfig", "SurgicalLayer", "SurgicalModel", "save_adapter"]
+__all__ = ["DELTA_DTYPES", "SurgicalConfig", "SurgicalLayer", "SurgicalModel", "quiet_get_peft_model", "save_adapter"]
 
 register_method(SURGICAL, SurgicalConfig, SurgicalModel)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 from aenum import extend_enum
+from peft import get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter, _get_in_out_features
 from peft.utils import PeftType, register_peft_method
@@ -33,6 +35,7 @@ __all__ = [
     "delete_auxiliary_adapter",
     "in_out_features",
     "persistent_buffer_names",
+    "quiet_get_peft_model",
     "register_method",
     "set_auxiliary_adapter",
 ]
@@ -76,3 +79,11 @@ def register_method(peft_type: PeftType, config_cls: type, model_cls: type) -> N
     """Register a tuner with PEFT (`get_peft_model`, `PeftModel.from_pretrained`), once."""
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         register_peft_method(name=peft_type.value.lower(), config_cls=config_cls, model_cls=model_cls)
+
+
+def quiet_get_peft_model(model: nn.Module, config: Any) -> Any:
+    """`peft.get_peft_model`, without the `FutureWarning` that PEFT 0.21 triggers on every call by reading
+    transformers' deprecated `model.is_gradient_checkpointing` (only that warning is silenced)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
