@@ -100,7 +100,7 @@ class SurgicalModel(BaseTuner):
             pending = self._pending_targets  # PEFT reports nested matches too; the outermost ones cover the rest
             if config.blocks:  # exact module paths: PEFT's suffix match of `conv1` would also take `layer1.0.conv1`
                 pending = [path for path in pending if path in config.target_modules]
-            targets = [path for path in pending if not any(path.startswith(other + ".") for other in pending)]
+            targets = [path for path in pending if not is_under(path, [other for other in pending if other != path])]
             for target in targets:
                 for name, module in model.get_submodule(target).named_modules(prefix=target):
                     if is_under(name, config.modules_to_save or []) or not any(True for _ in owned_tensors(module)):

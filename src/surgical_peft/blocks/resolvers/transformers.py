@@ -26,7 +26,7 @@ from torch import nn
 
 from ..block_map import BlockEntry, num_parameters
 from ..names import HEAD
-from ..paths import join
+from ..paths import is_under, join
 
 __all__ = ["TransformersResolver"]
 
@@ -80,7 +80,7 @@ def _outside_list(child: nn.Module, child_path: str, list_path: str, layers: nn.
     for name, module in child.named_modules(prefix=child_path):
         if module is layers or not any(True for _ in module.parameters(recurse=False)):
             continue
-        if not name.startswith(list_path + "."):
+        if not is_under(name, [list_path]):
             entries.append(BlockEntry(name.rsplit(".", 1)[-1], (name,), num_parameters(module)))
     return entries
 
