@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["move_into_place", "staged_directory", "staging_inside"]
+__all__ = ["fsync", "move_into_place", "staged_directory", "staging_inside"]
 
 _STAGING_PREFIX = ".surgical-staging-"
 _KILL_AT = "_SURGICAL_PEFT_KILL_AT"  # private test hook: the step at which the process kills itself (see `kill_point`)
@@ -106,7 +106,8 @@ def staging_inside(directory: Path) -> Iterator[Path]:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush `path` (a file, or a directory's entries) to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -124,9 +125,9 @@ def move_into_place(directory: Path, moves: list[tuple[Path, str]]) -> None:
         for source, name in moves:
             destination = directory / name
             destination.parent.mkdir(parents=True, exist_ok=True)
-            _fsync(source)
+            fsync(source)
             os.replace(source, destination)
-            _fsync(destination.parent)
+            fsync(destination.parent)
             kill_point(f"after {name}")
     finally:
         os.close(lock)  # releases the lock

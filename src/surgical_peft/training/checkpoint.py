@@ -30,6 +30,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from ..files import fsync
+
 __all__ = ["Progress", "latest_checkpoint", "save_checkpoint"]
 
 _PROGRESS_FILE = "progress.json"
@@ -69,26 +71,17 @@ def latest_checkpoint(output_dir: str | os.PathLike[str] | None) -> tuple[Path, 
     return None
 
 
-def _fsync(path: Path) -> None:
-    """Flush `path` (a file or a directory's entries) to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _mark_complete(checkpoint: Path, progress: Progress) -> None:
     """Flush every file of `checkpoint` to disk, then write its progress file atomically."""
     for path in sorted(checkpoint.rglob("*"), reverse=True):  # files before the directories that hold them
-        _fsync(path)
-    _fsync(checkpoint)
+        fsync(path)
+    fsync(checkpoint)
     partial = checkpoint / f".{_PROGRESS_FILE}.partial"
     partial.write_text(json.dumps(asdict(progress), indent=1))
-    _fsync(partial)
+    fsync(partial)
     os.replace(partial, checkpoint / _PROGRESS_FILE)
-    _fsync(checkpoint)
-    _fsync(checkpoint.parent)
+    fsync(checkpoint)
+    fsync(checkpoint.parent)
 
 
 def _remove(checkpoint: Path) -> None:
