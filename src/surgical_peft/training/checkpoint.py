@@ -30,7 +30,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from ..files import fsync
+from ..files import fsync, move_into_place
 
 __all__ = ["Progress", "latest_checkpoint", "save_checkpoint"]
 
@@ -78,9 +78,7 @@ def _mark_complete(checkpoint: Path, progress: Progress) -> None:
     fsync(checkpoint)
     partial = checkpoint / f".{_PROGRESS_FILE}.partial"
     partial.write_text(json.dumps(asdict(progress), indent=1))
-    fsync(partial)
-    os.replace(partial, checkpoint / _PROGRESS_FILE)
-    fsync(checkpoint)
+    move_into_place(checkpoint, [(partial, _PROGRESS_FILE)])
     fsync(checkpoint.parent)
 
 
