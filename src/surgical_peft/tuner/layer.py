@@ -10,9 +10,9 @@ for one module of a tuned block, is bookkeeping, held by the tuner (not inside t
   memory-mapped, so it costs disk (page cache) rather than RAM until it is read (to save, switch or unload);
 - `stashed`: for every trained adapter whose weights are *not* currently in the module, those weights (CPU), kept
   as they were so that switching back and forth is exact;
-- `loaded`: the adapter whose weights the module holds now (`None` for the base weights).
-
-The adapter that is loaded trains in place: its delta is the live tensor minus the snapshot.
+- `loaded`: the adapters whose weights the module holds now: none (the base weights), one (it trains in place: its
+  delta is the live tensor minus the snapshot), or several, active together (PEFT's several active adapters): the
+  module then holds the base plus the sum of their deltas, for inference, and each adapter's own weights stay stashed.
 
 Example:
     >>> import torch
@@ -20,14 +20,18 @@ Example:
     >>> linear = torch.nn.Linear(2, 2)
     >>> _ = torch.nn.init.constant_(linear.weight, 0.5)  # exact arithmetic below
     >>> layer = SurgicalLayer(linear)
-    >>> layer.add_adapter("a"); layer.load("a")
+    >>> layer.add_adapter("a"); layer.add_adapter("b"); layer.load("a")
     >>> with torch.no_grad():
     ...     _ = linear.weight.add_(1.0)
     >>> bool((layer.delta("a")["weight"] == 1).all())
     True
-    >>> layer.load(None)  # back to the base weights; "a" keeps its delta
+    >>> layer.load()  # back to the base weights; "a" keeps its delta
     >>> bool((layer.delta("a")["weight"] == 1).all()), bool(torch.equal(linear.weight, layer.base["weight"]))
     (True, True)
+    >>> layer.set_delta("b", {"weight": torch.full((2, 2), 2.0), "bias": torch.zeros(2)})
+    >>> layer.load("a", "b")  # both: the base plus the sum of their deltas
+    >>> bool((linear.weight == 0.5 + 1 + 2).all()), layer.loaded
+    (True, ('a', 'b'))
 """
 
 from __future__ import annotations
@@ -77,8 +81,8 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         # An adapter with no entry here is either loaded or has the base weights (a zero delta, stored lazily).
         self.stashed: dict[str, dict[str, torch.Tensor]] = {}
         self.adapters: set[str] = set()
-        self.loaded: str | None = None
-        self.merged_adapters: list[str] = []  # PEFT's view: the loaded adapter once `merge_adapter` declared it
+        self.loaded: tuple[str, ...] = ()  # () the base weights, (a,) adapter a's, (a, b, ...) the sum of their deltas
+        self.merged_adapters: list[str] = []  # PEFT's view: the loaded adapters once `merge_adapter` declared them
         # The sizes PEFT's layers expose (None where the module has none, e.g. a norm).
         self.in_features, self.out_features = in_out_features(module)
 
@@ -125,7 +129,7 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
 
     def delta(self, adapter_name: str, live: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """`tuned - base` of `adapter_name`, on the CPU; `live` overrides the module's tensors (e.g. gathered ones)."""
-        if adapter_name == self.loaded:
+        if (adapter_name,) == self.loaded:
             tuned = {**self._live(), **(live or {})}
         else:
             tuned = self.stashed.get(adapter_name, self.base)
@@ -133,37 +137,47 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def set_delta(self, adapter_name: str, delta: Mapping[str, torch.Tensor]) -> None:
-        """Give `adapter_name` the weights `base + delta`."""
+        """Give `adapter_name` the weights `base + delta` (a loaded sum it is a term of is rewritten)."""
         tuned = {name: base + delta[name].to("cpu", base.dtype) for name, base in self.base.items()}
-        if adapter_name == self.loaded:
+        if (adapter_name,) == self.loaded:
             self._write(tuned)
-        else:
-            self.stashed[adapter_name] = tuned
+            return
+        self.stashed[adapter_name] = tuned
+        if adapter_name in self.loaded:
+            self._write(self._sum(self.loaded))
+
+    def _sum(self, adapter_names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """`base + delta_a + delta_b + ...` of stashed (or untrained) adapters, on the CPU."""
+        tuned = [self.stashed.get(name, self.base) for name in adapter_names]
+        return {name: base + sum(weights[name] - base for weights in tuned) for name, base in self.base.items()}
 
     @torch.no_grad()
     def _write(self, values: Mapping[str, torch.Tensor]) -> None:
         for name, tensor in self._live().items():
             tensor.copy_(values[name].to(tensor.device, tensor.dtype))
 
-    def load(self, adapter_name: str | None) -> None:
-        """Put `adapter_name`'s weights (`None`: the base weights) into the module, stashing the current ones."""
-        if adapter_name == self.loaded:
+    def load(self, *adapter_names: str) -> None:
+        """Put the weights of `adapter_names` into the module: none, the base weights; one, that adapter's; several,
+        the base plus the sum of their deltas. A single adapter's current weights are stashed first."""
+        if adapter_names == self.loaded:
             return
-        if adapter_name is not None and adapter_name not in self.adapters:
-            raise InputError(
-                f"Adapter {adapter_name!r} does not tune this module; its adapters: {sorted(self.adapters)}."
-            )
-        holds_base = self.loaded is None
-        if not holds_base:
-            self.stashed[self.loaded] = {name: t.detach().to("cpu", copy=True) for name, t in self._live().items()}
-        target = self.stashed.pop(adapter_name, None) if adapter_name is not None else None
-        if target is not None or not holds_base:  # an untrained adapter on the base weights: nothing to write
+        unknown = [name for name in adapter_names if name not in self.adapters]
+        if unknown:
+            raise InputError(f"Adapter(s) {unknown} do not tune this module; its adapters: {sorted(self.adapters)}.")
+        held = self.loaded
+        if len(held) == 1:  # it trained in place; a sum's terms are stashed already
+            self.stashed[held[0]] = {name: t.detach().to("cpu", copy=True) for name, t in self._live().items()}
+        if len(adapter_names) == 1:
+            target = self.stashed.pop(adapter_names[0], None)
+        else:
+            target = self._sum(adapter_names) if adapter_names else None
+        if target is not None or held:  # an untrained adapter on the base weights: nothing to write
             self._write(self.base if target is None else target)
-        self.loaded = adapter_name
+        self.loaded = adapter_names
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Forget `adapter_name`; the module gets the base weights back if it held them."""
-        if self.loaded == adapter_name:
-            self.load(None)
+        """Forget `adapter_name`; the module holds the other loaded adapters' weights (or the base) without it."""
+        if adapter_name in self.loaded:
+            self.load(*(name for name in self.loaded if name != adapter_name))
         self.stashed.pop(adapter_name, None)
         self.adapters.discard(adapter_name)

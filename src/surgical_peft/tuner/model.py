@@ -219,30 +219,56 @@ class SurgicalModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------------- adapter switching
     def _activate(self, adapter_names: list[str]) -> None:
-        """Load `adapter_names`' weights (the base weights when adapters are disabled) and set requires_grad."""
-        if len(adapter_names) > 1:
-            raise InputError(
-                f"Surgical adapters replace weights in place, so only one can be active; got {adapter_names}."
-            )
-        active = adapter_names[0] if adapter_names and self._adapters_enabled else None
-        modules = self._adapter_modules.get(active, []) if active is not None else []
-        tuned = set(modules)
+        """Load the weights of `adapter_names` (the base weights when adapters are disabled) and set requires_grad.
+
+        A module tuned by one of them holds that adapter's weights and trains (unless its config is in inference
+        mode); a module tuned by several holds the base plus the sum of their deltas and stays frozen."""
+        loaded = list(adapter_names) if self._adapters_enabled else []
+        owners = self._owners(loaded)
         for key, layer in self.surgical_layers.items():
-            layer.load(active if from_key(key) in tuned else None)
+            layer.load(*owners.get(from_key(key), ()))
             layer.set_status(adapter_names, self._adapters_enabled)
-            if layer.loaded not in layer.merged_adapters:  # switched away: the merge is over
+            if tuple(layer.merged_adapters) != layer.loaded:  # switched away: the merge is over
                 layer.merged_adapters = []
-        trainable = active is not None and not self.peft_config[active].inference_mode
-        training = self._training_modules(active)
+        training = self._training_modules(loaded)
+        trainable = {path for path, name in training.items() if not self.peft_config[name].inference_mode}
         auxiliary = [name for name, _ in self._auxiliary_modules()]
         for path, parameter in self.model.named_parameters():
             module_path = path.rpartition(".")[0]
             if not is_under(module_path, auxiliary):  # PEFT's modules_to_save wrappers manage their own parameters
-                parameter.requires_grad_(trainable and module_path in training)
-        self._set_norm_modes(training)
+                parameter.requires_grad_(module_path in trainable)
+        self._set_norm_modes(list(training))
+
+    def _owners(self, adapter_names: list[str]) -> dict[str, tuple[str, ...]]:
+        """Module path -> the adapters among `adapter_names` that tune it, in their order."""
+        owners: dict[str, tuple[str, ...]] = {}
+        for name in adapter_names:
+            for path in self._adapter_modules.get(name, []):
+                owners[path] = (*owners.get(path, ()), name)
+        return owners
+
+    def _shared_modules(self) -> dict[str, tuple[str, ...]]:
+        """The modules that several of the loaded adapters tune (they hold a sum, for inference only)."""
+        return {path: names for path, names in self._owners(self._loaded_adapters).items() if len(names) > 1}
+
+    def _shared_message(self) -> str | None:
+        """What to say (naming the adapters and blocks) when loaded adapters share modules; `None` if they do not."""
+        shared = self._shared_modules()
+        if not shared:
+            return None
+        adapters = sorted({name for names in shared.values() for name in names})
+        blocks = list_blocks(self.model)
+        where = sorted({blocks.block_of(path) or path for path in shared})
+        return (
+            f"Adapters {adapters} are active together and tune the same block(s) {where} (modules "
+            f"{', '.join(list(shared)[:3])}{', ...' if len(shared) > 3 else ''}): there the model holds the sum of "
+            "their deltas, for inference only, so those modules stay frozen and training them (model.train()) is "
+            f"refused. Train one adapter at a time (set_adapter({adapters[0]!r})), or activate together only adapters "
+            "on disjoint blocks."
+        )
 
     def train_only(self, module_paths: list[str] | None) -> None:
-        """Train only the active adapter's modules under `module_paths` (`None`: all of them), e.g. the head alone in
+        """Train only the active adapters' modules under `module_paths` (`None`: all of them), e.g. the head alone in
         the linear-probe phase of LP-FT. The others keep their weights and run as frozen modules (BatchNorm in eval
         mode); `modules_to_save` always train.
 
@@ -259,15 +285,19 @@ class SurgicalModel(BaseTuner):
         self._training_subset = None if module_paths is None else list(module_paths)
         self._activate(self.active_adapters)
 
-    def _training_modules(self, adapter: str | None) -> list[str]:
-        """The modules of `adapter` that train (all of them unless `train_only` restricts them)."""
-        modules = self._adapter_modules.get(adapter, []) if adapter is not None else []
-        return [path for path in modules if self._training_subset is None or is_under(path, self._training_subset)]
+    def _training_modules(self, adapter_names: list[str]) -> dict[str, str]:
+        """Module path -> the adapter that trains it: the modules that exactly one of `adapter_names` tunes (a module
+        several tune holds their sum and stays frozen), all of them unless `train_only` restricts them."""
+        return {
+            path: names[0]
+            for path, names in self._owners(adapter_names).items()
+            if len(names) == 1 and (self._training_subset is None or is_under(path, self._training_subset))
+        }
 
     @property
-    def _loaded_adapter(self) -> str | None:
-        """The adapter whose weights the model holds (`None` when adapters are disabled)."""
-        return self.active_adapters[0] if self.active_adapters and self._adapters_enabled else None
+    def _loaded_adapters(self) -> list[str]:
+        """The adapters whose weights the model holds (none when adapters are disabled)."""
+        return list(self.active_adapters) if self._adapters_enabled else []
 
     def _set_norm_modes(self, tuned_modules: list[str]) -> None:
         """Frozen norms with running statistics run in eval mode; the tuned ones follow the model's mode."""
@@ -276,21 +306,51 @@ class SurgicalModel(BaseTuner):
                 module.train(self.model.training and is_under(path, tuned_modules))
 
     def train(self, mode: bool = True) -> SurgicalModel:
-        """`nn.Module.train`, except that frozen BatchNorm layers stay in eval mode (their statistics never drift)."""
+        """`nn.Module.train`, except that frozen BatchNorm layers stay in eval mode (their statistics never drift).
+
+        Refused (an `InputError`, before anything changes here) while active adapters tune the same block: their sum
+        is for inference only (`model.eval()` and `torch.no_grad()`)."""
+        if mode and (shared := self._shared_message()):
+            raise InputError(shared)
         super().train(mode)
-        self._set_norm_modes(self._training_modules(self._loaded_adapter))
+        self._set_norm_modes(list(self._training_modules(self._loaded_adapters)))
         return self
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Make `adapter_name` the active adapter: its weights go into the model, the previous ones to the CPU."""
+        """Make `adapter_name` the active adapter(s): their weights go into the model, the others' to the CPU.
+
+        Several adapters can be active together (`model.base_model.set_adapter(["a", "b"])`, as in PEFT): on disjoint
+        blocks each trains and infers as if alone; on a block that several tune, the model holds the base plus the sum
+        of their deltas, for inference only: those modules stay frozen, and `model.train()` is refused.
+
+        Example:
+            >>> from peft import get_peft_model
+            >>> from transformers import ResNetConfig, ResNetForImageClassification
+            >>> from surgical_peft import SurgicalConfig
+            >>> config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+            >>> base = ResNetForImageClassification(config)
+            >>> model = get_peft_model(base, SurgicalConfig(block="stage1"), adapter_name="one")
+            >>> model.add_adapter("two", SurgicalConfig(block="stage2"))
+            >>> model.base_model.set_adapter(["one", "two"])
+            >>> model.active_adapters
+            ['one', 'two']
+            >>> sorted({name.split(".layers.")[0] for name, p in model.named_parameters() if p.requires_grad})
+            ['base_model.model.resnet.encoder.stages.0', 'base_model.model.resnet.encoder.stages.1']
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
-            raise InputError(f"Adapter(s) {unknown} not found. Available: {list(self.peft_config)}.")
+        if unknown or len(set(names)) < len(names):
+            problem = f"Adapter(s) {unknown} not found" if unknown else f"Adapter names repeat in {names}"
+            raise InputError(f"{problem}. Available: {list(self.peft_config)}.")
+        for _, module in self._auxiliary_modules():  # PEFT's own check (one modules_to_save copy each), first
+            module.check_set_adapter(names)
+        switched = names != self.active_adapters  # PEFT's injection sets the same adapters again
         for name in names:
             self.peft_config[name].inference_mode = inference_mode
         self.active_adapter = adapter_name
         self._activate(names)
+        if switched and self.model.training and (shared := self._shared_message()):
+            warnings.warn(shared, stacklevel=2)
         set_auxiliary_adapter(self.model, names, inference_mode=inference_mode)  # PEFT's modules_to_save wrappers
 
     def _auxiliary_modules(self) -> list[tuple[str, AuxiliaryTrainingWrapper]]:
@@ -305,6 +365,9 @@ class SurgicalModel(BaseTuner):
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        shared = self._shared_modules().values()
+        if requires_grad and any(name in owners for owners in shared for name in names):
+            raise InputError(self._shared_message())
         for name in names:
             self.peft_config[name].inference_mode = not requires_grad
         self._activate(self.active_adapters)
@@ -331,34 +394,83 @@ class SurgicalModel(BaseTuner):
         self._activate(self.active_adapters)
         delete_auxiliary_adapter(self.model, adapter_name, new_active_adapters=self.active_adapters)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add `adapter_name`, whose deltas are the weighted sum of the deltas of `adapters` (PEFT's linear
+        combination) on every module they tune. It is an adapter like any other: inactive until `set_adapter`, then
+        trainable, saved and loaded on its own.
+
+        Example:
+            >>> import torch
+            >>> from peft import get_peft_model
+            >>> from surgical_peft import SurgicalConfig
+            >>> base = torch.nn.Sequential(torch.nn.Linear(2, 2))
+            >>> model = get_peft_model(base, SurgicalConfig(target_modules=["0"]))
+            >>> model.add_adapter("other", SurgicalConfig(target_modules=["0"], init_weights=False))
+            >>> model.add_weighted_adapter(["default", "other"], [1.0, -1.0], "mix")
+            >>> layer = model.base_model.surgical_layers["0"]
+            >>> bool(torch.equal(layer.delta("mix")["weight"], -layer.delta("other")["weight"]))
+            True
+        """
+        self._check_weighted(adapters, weights, adapter_name)
+        first = self.peft_config[adapters[0]]
+        modules = sorted({path for name in adapters for path in self._adapter_modules[name]})
+        self.peft_config[adapter_name] = SurgicalConfig(
+            target_modules="|".join(map(re.escape, modules)),  # exactly these (a name list also matches suffixes)
+            delta_dtype=first.delta_dtype,
+            base_model_name_or_path=first.base_model_name_or_path,
+            task_type=first.task_type,
+        )
+        self.inject_adapter(self.model, adapter_name)
+        weighted = list(zip(adapters, weights, strict=True))
+        for path in modules:
+            layer = self._layer(path)
+            terms = [(w, layer.delta(name)) for name, w in weighted if name in layer.adapters]
+            layer.set_delta(adapter_name, {key: sum(w * delta[key] for w, delta in terms) for key in layer.base})
+
+    def _check_weighted(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Raise an `InputError` unless `add_weighted_adapter(adapters, weights, adapter_name)` can be done."""
+        available = list(self.peft_config)
+        unknown = [name for name in adapters if name not in self.peft_config]
+        if unknown or not adapters:
+            raise InputError(f"Adapter(s) {unknown or adapters} cannot be combined. Available: {available}.")
+        if len(weights) != len(adapters):
+            raise InputError(f"{len(weights)} weights given for {len(adapters)} adapters {adapters}: one each.")
+        if adapter_name in self.peft_config:
+            raise InputError(f"Adapter {adapter_name!r} already exists (adapters: {available}); choose a new name.")
+        full = [name for name in adapters if self.peft_config[name].modules_to_save]
+        if full:
+            raise InputError(f"Adapters {full} have modules_to_save, which are full copies, not deltas: no sum.")
+
     # ------------------------------------------------------------------------------------- merging and unloading
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """The active adapter's weights are always in the model, so merging only switches to `adapter_names`;
-        `safe_merge` checks that they are finite. As in PEFT, the layers then report the adapter as merged (until
-        `unmerge_adapter` or a switch), merging it again warns, and a merged adapter cannot be deleted."""
+        """The active adapters' weights (a sum where several tune a module) are always in the model, so merging only
+        switches to `adapter_names`; `safe_merge` checks that they are finite. As in PEFT, the layers then report the
+        adapters as merged (until `unmerge_adapter` or a switch), merging again warns, and a merged adapter cannot be
+        deleted."""
         if adapter_names:  # switch without changing whether the adapter trains
             modes = {self.peft_config[name].inference_mode for name in adapter_names if name in self.peft_config}
             self.set_adapter(adapter_names, inference_mode=modes == {True})
         if safe_merge:
             self._check_finite()
-        active = self._loaded_adapter
-        layers = [self._layer(path) for path in self._adapter_modules.get(active, [])] if active is not None else []
-        if layers and all(layer.merged_adapters == [active] for layer in layers):
+        layers = [layer for layer in self.surgical_layers.values() if layer.loaded]
+        if layers and all(tuple(layer.merged_adapters) == layer.loaded for layer in layers):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
         for layer in layers:
-            layer.merged_adapters = [active]
+            layer.merged_adapters = list(layer.loaded)
 
     def _check_finite(self) -> None:
-        """Raise a `ValueError` if the weights of the modules the active adapter tunes hold NaN or inf."""
-        active = self._loaded_adapter
+        """Raise a `ValueError` if the weights of the modules the active adapters tune hold NaN or inf."""
+        owners = self._owners(self._loaded_adapters)
         broken = [
             f"{path}.{name}"
-            for path in self._adapter_modules.get(active, [])
+            for path in owners
             for name, tensor in owned_tensors(self._layer(path).module)
             if tensor.is_floating_point() and not torch.isfinite(tensor).all()
         ]
         if broken:
-            raise InputError(f"NaNs detected in the weights of adapter {active!r} ({', '.join(broken[:3])}).")
+            adapters = sorted({name for path in broken for name in owners[path.rpartition(".")[0]]})
+            named = ", ".join(map(repr, adapters))
+            raise InputError(f"NaNs detected in the weights of adapter {named} ({', '.join(broken[:3])}).")
 
     def unmerge_adapter(self) -> None:
         """Nothing to undo in the weights (merging never changes more than which adapter is active); the layers stop
@@ -377,7 +489,7 @@ class SurgicalModel(BaseTuner):
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:
             for layer in self.surgical_layers.values():
-                layer.load(None)
+                layer.load()
         for path, module in self._auxiliary_modules():
             parent, _, name = path.rpartition(".")
             unwrapped = (
