@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -372,8 +372,8 @@ def _write(text: str) -> Callable[[Path], None]:
 
 
 TAMPERED: dict[str, tuple[Callable[[Path], None], str]] = {
-    "peft_type NOPE": (lambda d: edit_config(d, peft_type="NOPE"), "peft_type is 'NOPE'"),
-    "peft_type missing": (lambda d: _write(json.dumps({"target_modules": ["resnet.embedder"]}))(d), "'<missing>'"),
+    "peft_type NOPE": (lambda d: edit_config(d, peft_type="NOPE"), "peft_type .*'NOPE'"),
+    "peft_type missing": (lambda d: _write(json.dumps({"target_modules": ["resnet.embedder"]}))(d), "no peft_type"),
     "target_modules 123": (lambda d: edit_config(d, target_modules=123), "target_modules must be a regex string"),
     "target_modules ([": (lambda d: edit_config(d, target_modules="(["), "target_modules is not a valid regular"),
     "base_fingerprint garbage": (lambda d: edit_config(d, base_fingerprint="garbage"), "base_fingerprint must be"),
@@ -382,16 +382,49 @@ TAMPERED: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 
 
+@pytest.mark.parametrize("reader", [SurgicalConfig, PeftConfig])  # PEFT's generic reader too
 @pytest.mark.parametrize("tamper", list(TAMPERED))
 def test_tampered_config_names_the_file_and_the_field(
-    tamper: str, trained: Callable[..., PeftModel], tmp_path: Path
+    tamper: str, reader: type[PeftConfig], trained: Callable[..., PeftModel], tmp_path: Path
 ) -> None:
     trained().save_pretrained(tmp_path)
     spoil, message = TAMPERED[tamper]
     spoil(tmp_path)
     with pytest.raises(InputError, match=message) as error:
-        SurgicalConfig.from_pretrained(tmp_path)
+        reader.from_pretrained(tmp_path)
     assert str(error.value).startswith(str(tmp_path / CONFIG))
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERED))
+def test_tampered_config_refused_by_peft_model_before_any_change(
+    tamper: str,
+    trained: Callable[..., PeftModel],
+    make_model: Callable[..., nn.Module],
+    take_snapshot: Callable[[nn.Module], Any],
+    assert_untouched: Callable[[nn.Module, Any], None],
+    tmp_path: Path,
+) -> None:
+    trained().save_pretrained(tmp_path)
+    spoil, message = TAMPERED[tamper]
+    spoil(tmp_path)
+    base = make_model("resnet-basic")
+    before = take_snapshot(base)
+    with pytest.raises(InputError, match=message) as error:
+        PeftModel.from_pretrained(base, tmp_path)  # PEFT reads the file before any tuner code runs
+    assert str(error.value).startswith(str(tmp_path / CONFIG))
+    assert_untouched(base, before)
+
+
+def test_other_methods_adapters_load_as_before(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    lora = get_peft_model(base, LoraConfig(target_modules=["0"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path)
+    assert type(PeftConfig.from_pretrained(tmp_path)) is LoraConfig
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), tmp_path)
+    inputs = torch.randn(3, 4)
+    torch.testing.assert_close(loaded(inputs), lora(inputs), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("tamper", ["target_modules 123", "target_modules ([", "base_fingerprint garbage"])
@@ -428,11 +461,20 @@ def test_an_edited_config_cannot_skip_the_base_check(
     other = make_model("resnet-basic", seed=1)
     before = take_snapshot(other)
     message = "records no base_fingerprint" if "base_fingerprint" in edit else r"block\(s\) .* differ"
-    with pytest.raises(InputError, match=message):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(InputError, match=message):
+        warnings.simplefilter("always")
         PeftModel.from_pretrained(other, tmp_path)
     assert_untouched(other, before)
-    assert SurgicalConfig.from_pretrained(tmp_path).verify_base is True
-    PeftModel.from_pretrained(make_model("resnet-basic", seed=1), tmp_path, verify_base=False)  # the caller may
+    ignored = {str(warning.message) for warning in caught if "verify_base" in str(warning.message)}
+    warned = f"{tmp_path / CONFIG} holds verify_base, which is never saved: ignored."
+    assert ignored == ({warned} if "verify_base" in edit else set())
+    for reader in (SurgicalConfig, PeftConfig):  # PEFT's generic reader too
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert reader.from_pretrained(tmp_path).verify_base is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PeftModel.from_pretrained(make_model("resnet-basic", seed=1), tmp_path, verify_base=False)  # the caller may
 
 
 def test_a_sealed_adapter_keeps_its_recorded_fingerprint(

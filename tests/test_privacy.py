@@ -18,7 +18,7 @@ from peft import PeftModel
 
 from surgical_peft.cli import main
 from surgical_peft.cli.recipe import add_training_arguments, run_training
-from surgical_peft.errors import InputError
+from surgical_peft.errors import InputError, TrainingError
 from surgical_peft.privacy import (
     FeatureTransform,
     PrivacyArguments,
@@ -284,6 +284,17 @@ def test_dp_surgical_trains_one_block_by_dp_sgd_and_leaves_batchnorm_statistics_
     changed = {name for name, tensor in before.items() if not torch.equal(after[name], tensor)}
     assert changed == {"classifier.1.weight", "classifier.1.bias"}  # running_mean/var of every BatchNorm unchanged
     assert set(result.metrics) == {"eval_accuracy"}
+
+
+def test_dp_surgical_stops_on_a_non_finite_loss() -> None:
+    pytest.importorskip("opacus")
+    args = FineTuneArguments(strategy="dp-surgical", blocks=["head"], epochs=2, batch_size=8, progress=False,
+                             privacy=PrivacyArguments(epsilon=2.0, delta=1e-3))  # fmt: skip
+    broken = [
+        {**example, "pixel_values": torch.full_like(example["pixel_values"], math.nan)} for example in examples(40)
+    ]
+    with pytest.raises(TrainingError, match="Training stopped in dp-surgical epoch 1/2: the loss is not finite"):
+        fine_tune(build_model("resnet-basic"), broken, None, args)
 
 
 def test_dp_surgical_on_a_layernorm_block() -> None:

@@ -2,7 +2,8 @@
 `SurgicalModel` (model.py), with base fingerprints (fingerprint.py) and adapter files (serialization.py). Every
 private PEFT or PyTorch internal they use is in `_internals.py`.
 
-Importing this package registers the `"SURGICAL"` type with PEFT.
+Importing this package registers the `"SURGICAL"` type with PEFT, and has PEFT read a surgical adapter's config
+through `SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it.
 
 Example:
     >>> from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -11,11 +12,11 @@ Example:
     'SurgicalConfig'
 """
 
-from ._internals import add_peft_type, quiet_get_peft_model, register_method
+from ._internals import add_peft_type, quiet_get_peft_model, register_method, route_config_reads
 
 SURGICAL = add_peft_type("SURGICAL")  # before the config is defined: its peft_type is a member of the enum
 
-from .config import DELTA_DTYPES, SurgicalConfig  # noqa: E402
+from .config import DELTA_DTYPES, SurgicalConfig, read_saved_config  # noqa: E402
 from .layer import SurgicalLayer  # noqa: E402
 from .model import SurgicalModel  # noqa: E402
 from .serialization import save_adapter  # noqa: E402
@@ -23,3 +24,4 @@ from .serialization import save_adapter  # noqa: E402
 __all__ = ["DELTA_DTYPES", "SurgicalConfig", "SurgicalLayer", "SurgicalModel", "quiet_get_peft_model", "save_adapter"]
 
 register_method(SURGICAL, SurgicalConfig, SurgicalModel)
+route_config_reads(read_saved_config)

@@ -12,12 +12,15 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aenum import extend_enum
 from peft import get_peft_model
+from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter, _get_in_out_features
 from peft.utils import PeftType, register_peft_method
@@ -37,6 +40,7 @@ __all__ = [
     "persistent_buffer_names",
     "quiet_get_peft_model",
     "register_method",
+    "route_config_reads",
     "set_auxiliary_adapter",
 ]
 
@@ -79,6 +83,25 @@ def register_method(peft_type: PeftType, config_cls: type, model_cls: type) -> N
     """Register a tuner with PEFT (`get_peft_model`, `PeftModel.from_pretrained`), once."""
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         register_peft_method(name=peft_type.value.lower(), config_cls=config_cls, model_cls=model_cls)
+
+
+def route_config_reads(reader: Callable[[type, str | os.PathLike], dict[str, Any] | None]) -> None:
+    """Let `reader(cls, path)` read adapter configs before PEFT's `PeftConfig.from_json_file` does, once.
+
+    That method is the first code `PeftModel.from_pretrained`, `AutoPeftModel*.from_pretrained` and the generic
+    `PeftConfig.from_pretrained` run on a file, before any tuner's own: its dict is used; `None` leaves the file to
+    PEFT's own reader, unchanged."""
+    original = PeftConfig.from_json_file.__func__  # (defined on PEFT's PeftConfigMixin)
+    if getattr(original, "routed_to", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def from_json_file(cls: type, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        values = reader(cls, path_json_file)
+        return original(cls, path_json_file, **kwargs) if values is None else values
+
+    from_json_file.routed_to = reader
+    PeftConfig.from_json_file = classmethod(from_json_file)
 
 
 def quiet_get_peft_model(model: nn.Module, config: Any) -> Any:

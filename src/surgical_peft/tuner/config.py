@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
 
 from ..blocks.names import AUTO
@@ -23,9 +24,10 @@ from ..errors import InputError
 from .fingerprint import check_fingerprint_format
 from .serialization import KEY_PREFIX, RECORDED_FIELDS, read_adapter_file
 
-__all__ = ["DELTA_DTYPES", "SurgicalConfig"]
+__all__ = ["DELTA_DTYPES", "SurgicalConfig", "read_saved_config"]
 
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
+_NO_PEFT_TYPE = "{path} has no peft_type field: PEFT cannot tell which method's adapter it holds."
 
 
 @dataclass
@@ -130,17 +132,14 @@ class SurgicalConfig(PeftConfig):
         """The fields of a saved config, checked: a problem raises an `InputError` that names the file and the field.
         `verify_base` is dropped: only the caller may skip the base check."""
         path = Path(path_json_file)
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise InputError(f"{path} is not a readable JSON file: {error}") from error
-        if not isinstance(values, dict):
-            raise InputError(f"{path} must hold a JSON object (a PEFT config), not a {type(values).__name__}.")
-        if values.get("peft_type") != PeftType.SURGICAL.value:
-            raise InputError(
-                f"{path}: peft_type is {values.get('peft_type', '<missing>')!r}, a surgical adapter's is 'SURGICAL'."
-            )
-        values.pop("verify_base", None)
+        values = _json_object(path)
+        if "peft_type" not in values:
+            raise InputError(_NO_PEFT_TYPE.format(path=path))
+        if values["peft_type"] != PeftType.SURGICAL.value:
+            raise InputError(f"{path}: peft_type is {values['peft_type']!r:.100}, a surgical adapter's is 'SURGICAL'.")
+        if "verify_base" in values:
+            warnings.warn(f"{path} holds verify_base, which is never saved: ignored.", stacklevel=3)
+            del values["verify_base"]
         values.pop("runtime_config", None)  # a runtime-only PEFT setting, as PEFT's own reader does
         try:
             check_fields(values)
@@ -203,6 +202,34 @@ def _weights_file(path: Path, subfolder: str | None, kwargs: Mapping[str, Any]) 
         return Path(hf_hub_download(str(path), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs))
     except Exception as error:  # huggingface_hub raises many types: not found, offline, no such repository
         raise InputError(f"Cannot find {SAFETENSORS_WEIGHTS_NAME} for the adapter {path}: {error}") from error
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not a readable JSON file: {error}") from error
+    if not isinstance(values, dict):
+        raise InputError(f"{path} must hold a JSON object (a PEFT config), not a {type(values).__name__}.")
+    return values
+
+
+def read_saved_config(cls: type, path_json_file: str | os.PathLike) -> dict[str, Any] | None:
+    """Read an adapter config for PEFT (`tuner._internals.route_config_reads`): a surgical adapter's through
+    `SurgicalConfig.from_json_file` whichever PEFT class reads it (so the generic `PeftConfig.from_pretrained` checks
+    its fields and drops `verify_base` too); a file that is no JSON object, or whose `peft_type` is unknown (or missing
+    where PEFT needs it to pick the config class), raises an `InputError` naming the file and the field; any other
+    file is left to PEFT (`None`)."""
+    path = Path(path_json_file)
+    peft_type = _json_object(path).get("peft_type")
+    if peft_type == PeftType.SURGICAL.value:
+        return SurgicalConfig.from_json_file(path)
+    if peft_type is None and cls is PeftConfig:  # PEFT picks the config class by the type
+        raise InputError(_NO_PEFT_TYPE.format(path=path))
+    if peft_type is not None and peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        known = ", ".join(sorted(str(getattr(name, "value", name)) for name in PEFT_TYPE_TO_CONFIG_MAPPING))
+        raise InputError(f"{path}: unknown peft_type {peft_type!r:.100}. Valid: {known}.")
+    return None
 
 
 def _check_patterns(name: str, value: Any) -> None:

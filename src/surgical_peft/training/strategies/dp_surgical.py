@@ -10,7 +10,8 @@ their BatchNorm layers in eval mode (the tuner's rule), so no running statistic 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.utils.data import DataLoader
@@ -19,6 +20,7 @@ from ...blocks import list_blocks
 from ...errors import InputError
 from ...privacy import check_delta
 from ..arguments import FineTuneArguments, FineTuneResult
+from ..epoch import train_epoch
 from ..evaluation import evaluate_accuracy
 from ..optimizer import make_optimizer
 from ._base import Phase
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from peft import PeftModel
 
+    from ...privacy import PrivacyArguments
     from ..loop import Examples
 
 __all__ = ["STRATEGY", "check_blocks"]
@@ -70,35 +73,13 @@ class DPSurgical:
         accelerator: Accelerator,
     ) -> FineTuneResult:
         """DP-SGD of `args.blocks`; the metrics hold only `eval_accuracy` (a training loss is not accounted for)."""
-        privacy = args.privacy
-        if privacy is None or accelerator.num_processes > 1:
-            raise InputError("dp-surgical needs privacy=PrivacyArguments(epsilon=...) and runs on one process.")
-        check_delta(privacy.delta, len(train_dataset))
-        check_blocks(model, args.blocks)
-        try:
-            from opacus import PrivacyEngine
-        except ImportError as error:
-            raise InputError("dp-surgical needs Opacus: pip install 'surgical-peft[dp]'.") from error
-        model.base_model.set_requires_grad(model.active_adapter, True)
-        model.base_model.train_only(list_blocks(model).target_modules(args.blocks))
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        engine = PrivacyEngine(accountant=ACCOUNTANT)
-        private, optimizer, loader = engine.make_private_with_epsilon(
-            module=model,
-            optimizer=make_optimizer(parameters, args.learning_rate, args),
-            data_loader=DataLoader(train_dataset, batch_size=args.batch_size),
-            target_epsilon=privacy.epsilon,
-            target_delta=privacy.delta,
-            epochs=args.epochs,
-            max_grad_norm=privacy.clipping_norm,
-        )
-        private.train()
-        for _ in range(args.epochs):
-            for batch in loader:
-                logits = private(pixel_values=batch["pixel_values"]).logits
-                nn.functional.cross_entropy(logits, batch["labels"]).backward()
-                optimizer.step()
-                optimizer.zero_grad()
+        privacy = _checked_privacy(model, len(train_dataset), args, accelerator)
+        engine, private, optimizer, loader = _make_private(model, train_dataset, args, privacy)
+        for epoch in range(args.epochs):
+            description = f"dp-surgical epoch {epoch + 1}/{args.epochs}"
+            train_epoch(
+                private, loader, optimizer, accelerator, cache=None, description=description, progress=args.progress
+            )
         private.remove_hooks()
         model = private._module  # the PeftModel that Opacus's GradSampleModule wraps
         model.base_model.train_only(None)
@@ -117,6 +98,41 @@ class DPSurgical:
         }
         history = [{"phase": "dp-surgical", "epochs": args.epochs, **metrics}]
         return FineTuneResult(model=model, metrics=metrics, history=history, privacy=record)
+
+
+def _checked_privacy(
+    model: nn.Module, examples: int, args: FineTuneArguments, accelerator: Accelerator
+) -> PrivacyArguments:
+    """`args.privacy`, once the run is known to be possible (one process, delta, blocks without BatchNorm, Opacus)."""
+    if args.privacy is None or accelerator.num_processes > 1:
+        raise InputError("dp-surgical needs privacy=PrivacyArguments(epsilon=...) and runs on one process.")
+    check_delta(args.privacy.delta, examples)
+    check_blocks(model, args.blocks)
+    if importlib.util.find_spec("opacus") is None:
+        raise InputError("dp-surgical needs Opacus: pip install 'surgical-peft[dp]'.")
+    return args.privacy
+
+
+def _make_private(
+    model: PeftModel, train_dataset: Examples, args: FineTuneArguments, privacy: PrivacyArguments
+) -> tuple[Any, ...]:
+    """Opacus's engine, model, optimizer and Poisson-sampling loader for DP-SGD of `args.blocks` only."""
+    from opacus import PrivacyEngine
+
+    model.base_model.set_requires_grad(model.active_adapter, True)
+    model.base_model.train_only(list_blocks(model).target_modules(args.blocks))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    engine = PrivacyEngine(accountant=ACCOUNTANT)
+    private, optimizer, loader = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=make_optimizer(parameters, args.learning_rate, args),
+        data_loader=DataLoader(train_dataset, batch_size=args.batch_size),
+        target_epsilon=privacy.epsilon,
+        target_delta=privacy.delta,
+        epochs=args.epochs,
+        max_grad_norm=privacy.clipping_norm,
+    )
+    return engine, private, optimizer, loader
 
 
 STRATEGY = DPSurgical()
