@@ -130,3 +130,10 @@ def test_train_refuses_a_severity_without_corruption_and_writes_nothing(
     assert main(argv) == 2
     assert "--severity 2 applies to a corruption" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_empty_evaluation_set_exits_2(folder: str, model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", model_dir, "--dataset", folder, "--eval-n", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --eval-n: must be a whole number of at least 1, got '0'" in capsys.readouterr().err

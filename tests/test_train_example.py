@@ -218,3 +218,19 @@ def test_the_demo_prints_a_table_and_draws_a_chart(
     assert json.loads((tmp_path / "results.json").read_text())["accuracy"] == result.accuracy
     table = capsys.readouterr().out
     assert "tuned block" in table and "<- best" in table and "no fine-tuning" in table
+
+
+def test_the_built_in_demo_keeps_its_split_and_shift(
+    demo_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --model, no --dataset: demo-resnet on the target half of the digits, contrast at severity 5."""
+    summary = run_training(
+        parse("--block", "stage1", "--cache-dir", str(demo_cache), *TINY, "--output-dir", str(tmp_path))
+    )
+    assert (
+        "Data: 1797 images of digits, split into a source half (898) and a target half (899) because demo-resnet, "
+        "the built-in demo's model, is pretrained on the source half; target shift contrast at severity 5: 30 for "
+        "training, 20 for evaluation." in capsys.readouterr().out
+    )
+    recorded = json.loads((tmp_path / "metrics.json").read_text())
+    assert (recorded["shift"], recorded["severity"]) == (summary["shift"], summary["severity"]) == ("contrast", 5)

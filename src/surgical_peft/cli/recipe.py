@@ -63,10 +63,10 @@ _RUN_FILE = "run_args.json"
 
 
 def _at_least_one(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+    """An `argparse` type: a whole number of at least 1."""
+    if not value.strip().lstrip("+-").isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
+    return int(value)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,7 +59,7 @@ def _split_reason(args: argparse.Namespace, public_half: bool) -> str | None:
     if args.shift in SOURCE_SHIFTS:
         return f"the {args.shift} shift defines a source and a target half"
     if is_builtin_demo(args):
-        return f"the built-in demo: {SOURCE_MODEL} is pretrained on the source half"
+        return f"{SOURCE_MODEL}, the built-in demo's model, is pretrained on the source half"
     if public_half:
         return "--pca-dim fits its basis on the source half, public data"
     return None
