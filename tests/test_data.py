@@ -141,3 +141,13 @@ def test_the_models_image_processor_is_used(digits: datasets.Dataset, tmp_path: 
     example = preprocess(digits.select(range(2)), processor)[1]
     assert tuple(example["pixel_values"].shape) == (3, 20, 20)
     assert example["pixel_values"].min() >= -1.0 and example["pixel_values"].max() <= 1.0
+
+
+def test_make_target_without_a_source_half_takes_the_whole_dataset(digits: datasets.Dataset) -> None:
+    splits = make_target(digits, "none", train_n=1000, seed=0, split_source=False)
+    assert list(splits) == ["train", "eval"] and (splits["train"].num_rows, splits["eval"].num_rows) == (1000, 797)
+    assert list(make_target(digits, "none", train_n=1797, eval_n=0, split_source=False)) == ["train"]
+    with pytest.raises(ValueError, match="train_n=1798 is larger than the target data: it has 1797 examples"):
+        make_target(digits, "none", train_n=1798, eval_n=0, split_source=False)
+    with pytest.raises(ValueError, match="The spurious shift defines a source and a target half"):
+        make_target(digits, "spurious", train_n=10, split_source=False)

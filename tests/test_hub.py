@@ -232,16 +232,16 @@ def test_push_adapter_renders_the_card_for_the_repository(hub: ThreadingHTTPServ
 
 # Run in a fresh process: huggingface_hub reads HF_ENDPOINT when it is imported.
 PUSH = """
-import argparse, sys
+import sys
 import surgical_peft
 from peft import PeftModel
 from transformers import AutoModelForImageClassification
-from surgical_peft.cli.recipe import add_training_arguments, run_training
+from surgical_peft.cli import main
 
 model_dir, output = sys.argv[1], sys.argv[2]
-argv = ["--model", model_dir, "--block", "stage1", "--train-n", "20", "--eval-n", "10", "--epochs", "1"]
+argv = ["train", "--model", model_dir, "--block", "stage1", "--train-n", "20", "--eval-n", "10", "--epochs", "1"]
 argv += ["--output-dir", output, "--no-progress", "--push-to-hub", "--hub-model-id", "user/tiny-stage1"]
-print(run_training(add_training_arguments(argparse.ArgumentParser()).parse_args(argv))["commit_url"])
+assert main(argv) == 0
 
 model = PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(model_dir), output + "/adapter")
 model.push_to_hub("user/tiny-stage1")  # the repository's README.md (our card) is kept
@@ -259,9 +259,9 @@ def test_push_uploads_the_adapter_with_its_card(hub: ThreadingHTTPServer, tmp_pa
     command = [sys.executable, "-c", textwrap.dedent(PUSH), str(tmp_path / "model"), str(tmp_path / "run")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (
-        result.stdout.splitlines()[0] == f"http://127.0.0.1:{hub.server_address[1]}/user/tiny-stage1/commit/{COMMIT}"
-    )
+    # the command line prints the URL of the commit huggingface_hub made (CommitInfo.commit_url)
+    url = f"http://127.0.0.1:{hub.server_address[1]}/user/tiny-stage1/commit/{COMMIT}"
+    assert f"Pushed to the Hub: {url}" in result.stdout.splitlines(), result.stdout
     assert ("POST", "/api/repos/create") in hub.requests
 
     first, second = hub.commits["user/tiny-stage1"]
@@ -271,7 +271,8 @@ def test_push_uploads_the_adapter_with_its_card(hub: ThreadingHTTPServer, tmp_pa
     assert json.loads(first["adapter_config.json"])["target_modules"] == ["resnet.encoder.stages.0"]
     card = front_matter(first["README.md"])
     assert card["library_name"] == "peft"
-    assert {"surgical-fine-tuning", "block:stage1", "shift:contrast"} <= set(card["tags"])
+    assert {"surgical-fine-tuning", "block:stage1"} <= set(card["tags"])
+    assert not any(tag.startswith("shift:") for tag in card["tags"])  # your own model: the data is not shifted
     assert first["README.md"].decode().count("# user/tiny-stage1") == 1
     assert b"| train_n | 20 |" in first["README.md"]
 

@@ -45,6 +45,9 @@ def test_two_processes_train_one_adapter(tmp_path: Path, pixel_values: torch.Ten
     summary = json.loads((output / "metrics.json").read_text())
     assert (summary["num_processes"], summary["adapter_sha256"]) == (2, digests[0][2])
     assert result.stdout.count("Adapter: ") == 1  # only the main process reports (and writes)
+    assert result.stdout.count("Data: all 1797 images of digits are the target (no shift): 40 for training") == 1
+    # stage1 is on every forward path: DDP is not asked to search for unused parameters, so no rank warns.
+    assert "find_unused_parameters" not in result.stderr, result.stderr[-3000:]
 
     # The saved file holds those weights, and loads as an adapter that changes the model.
     saved = safetensors.torch.load_file(output / "adapter" / "adapter_model.safetensors")

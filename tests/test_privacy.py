@@ -217,11 +217,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def test_the_command_line_records_the_privacy_spent(tiny_model: str, tmp_path: Path) -> None:
+def test_the_command_line_records_the_privacy_spent(
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     output = tmp_path / "run"
     argv = ["--model", tiny_model, "--strategy", "dp-linear-probe", "--epsilon", "1", "--delta", "1e-3",
             "--feature-norm", "--pca-dim", "8", "--dp-steps", "30", *TINY, "--output-dir", str(output)]  # fmt: skip
     summary = run_training(parse(*argv))
+    assert "into a source half (898) and a target half (899) because --pca-dim fits its basis on the source half" in (
+        capsys.readouterr().out
+    )
 
     assert sorted(p.name for p in output.iterdir()) == ["adapter", "metrics.json", "run_args.json"]
     privacy = json.loads((output / "metrics.json").read_text())["privacy"]
@@ -253,9 +258,20 @@ def test_bad_privacy_input_exits_with_status_2_and_writes_nothing(
     assert not output.exists()
 
 
-def test_privacy_options_with_another_strategy_are_refused(tiny_model: str, tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="--epsilon apply to --strategy dp-linear-probe only"):
-        run_training(parse("--model", tiny_model, "--epsilon", "1", *TINY, "--output-dir", str(tmp_path / "x")))
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "--epsilon applies to --strategy dp-linear-probe or dp-surgical, not to surgical."),
+        (["--strategy", "dp-surgical", "--feature-norm"], "--feature-norm applies to --strategy dp-linear-probe, not "
+         "to dp-surgical."),
+    ],
+)  # fmt: skip
+def test_privacy_options_a_strategy_does_not_read_are_refused(
+    argv: list[str], message: str, tiny_model: str, tmp_path: Path
+) -> None:
+    """The message names the strategies that read the option (from the strategy registry)."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        run_training(parse("--model", tiny_model, "--epsilon", "1", *argv, *TINY, "--output-dir", str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
 
 

@@ -180,3 +180,26 @@ def test_the_command_line_refuses_a_bad_schedule_with_status_2(tmp_path: Path, c
     assert main([*common, "--lr-decay", "2"]) == 2
     assert "lr_decay must be in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "blocks", "searches"),
+    [
+        ("surgical", ["stage2"], [False]),
+        ("alternate", ["stage1", "stage2"], [False] * 3),  # each phase is wrapped anew, its blocks alone trainable
+        ("gradual", ["stage1", "stage2"], [False] * 3),
+        ("lp-ft", ["stage1"], [False, False]),
+        ("surgical", ["embedder"], [True]),  # the stem: where ViT-like models keep a mask_token forward never uses
+        ("gradual", ["embedder", "stage2"], [False, False, True]),
+        ("full", [], [True]),
+    ],
+)
+def test_ddp_searches_for_unused_parameters_only_where_a_trained_one_can_go_unreached(
+    strategy: str, blocks: list[str], searches: list[bool]
+) -> None:
+    from surgical_peft.blocks import list_blocks
+    from surgical_peft.training.accelerator import may_leave_parameters_unused
+
+    block_map = list_blocks(build_model("resnet-basic"))
+    phases = FineTuneArguments(strategy=strategy, blocks=blocks, epochs=3).phases()
+    assert [may_leave_parameters_unused(phase.blocks, block_map) for phase in phases] == searches

@@ -214,3 +214,23 @@ def test_bad_criterion_and_parameterless_model(loader: DataLoader) -> None:
         rank_blocks(nn.Linear(2, 2), loader, "random")
     with pytest.raises(ValueError, match="No candidate block"):
         rank_blocks(nn.Sequential(nn.ReLU()), loader, "rgn")
+
+
+@pytest.mark.parametrize("criterion", ["rgn", "snr"])
+@pytest.mark.parametrize(("num_batches", "total"), [(4, 2), (1, 1)])
+def test_the_progress_bar_counts_the_batches_that_run(
+    criterion: str, num_batches: int, total: int, resnet: nn.Module, loader: DataLoader, monkeypatch
+) -> None:
+    """Two batches of 8 with num_batches=4: the bar's total is 2, and it ends full."""
+    import surgical_peft.criteria._base
+
+    bars = []
+
+    class Recording(surgical_peft.criteria._base.tqdm):
+        def close(self) -> None:
+            bars.append((self.total, self.n))
+            super().close()
+
+    monkeypatch.setattr(surgical_peft.criteria._base, "tqdm", Recording)
+    rank_blocks(resnet, loader, criterion, num_batches=num_batches, progress=True)
+    assert set(bars) == {(total, total)}  # (tqdm may close a bar twice)

@@ -61,9 +61,8 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_training_saves_an_adapter_that_reproduces_the_metrics(num_labels: int, tmp_path: Path) -> None:
     model_dir = save_tiny_model(tmp_path / "model", num_labels)
     output = tmp_path / "run"
-    summary = run_training(
-        parse("--model", model_dir, "--block", "stage1", "--lr", "0.01", *TINY, "--output-dir", str(output))
-    )
+    argv = ["--model", model_dir, "--block", "stage1", "--lr", "0.01", "--shift", "contrast", *TINY]
+    summary = run_training(parse(*argv, "--output-dir", str(output)))
 
     assert sorted(p.name for p in output.iterdir()) == ["adapter", "checkpoints", "metrics.json", "run_args.json"]
     assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(summary))
@@ -78,7 +77,7 @@ def test_training_saves_an_adapter_that_reproduces_the_metrics(num_labels: int, 
 
     base = AutoModelForImageClassification.from_pretrained(model_dir, num_labels=10, ignore_mismatched_sizes=True)
     tuned = PeftModel.from_pretrained(base, output / "adapter")
-    evaluation = make_target(load_digits(), "contrast", train_n=30, eval_n=20, seed=0)["eval"]
+    evaluation = make_target(load_digits(), "contrast", train_n=30, eval_n=20, seed=0, split_source=False)["eval"]
     accuracy = evaluate_accuracy(tuned, DataLoader(preprocess(evaluation, image_size=32), batch_size=20))
     assert accuracy == summary["metrics"]["eval_accuracy"]
 
@@ -125,7 +124,7 @@ def no_images(tmp_path_factory: pytest.TempPathFactory) -> str:
     [
         (["--block", "stage9"], r"Unknown block 'stage9' .*Valid blocks: embedder, stage1, stage2, head\."),
         (["--block", "all", "--block", "stage1"], r"blocks=\['all'\] means full fine-tuning; it cannot be combined"),
-        (["--train-n", "5000"], r"train_n=5000 .*larger than the target data: it has 899 examples"),
+        (["--train-n", "5000"], r"train_n=5000 .*larger than the target data: it has 1797 examples"),
         (["--epochs", "0"], r"epochs must be at least 1, got 0"),
         (["--dataset", "NO_IMAGES"], r"no image column .*columns are: text \(Value\), label \(Value\)"),
         (["--model", "MISSING"], r"Cannot load model '.*missing': there is no such directory"),
@@ -219,3 +218,19 @@ def test_the_demo_prints_a_table_and_draws_a_chart(
     assert json.loads((tmp_path / "results.json").read_text())["accuracy"] == result.accuracy
     table = capsys.readouterr().out
     assert "tuned block" in table and "<- best" in table and "no fine-tuning" in table
+
+
+def test_the_built_in_demo_keeps_its_split_and_shift(
+    demo_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --model, no --dataset: demo-resnet on the target half of the digits, contrast at severity 5."""
+    summary = run_training(
+        parse("--block", "stage1", "--cache-dir", str(demo_cache), *TINY, "--output-dir", str(tmp_path))
+    )
+    assert (
+        "Data: 1797 images of digits, split into a source half (898) and a target half (899) because demo-resnet, "
+        "the built-in demo's model, is pretrained on the source half; target shift contrast at severity 5: 30 for "
+        "training, 20 for evaluation." in capsys.readouterr().out
+    )
+    recorded = json.loads((tmp_path / "metrics.json").read_text())
+    assert (recorded["shift"], recorded["severity"]) == (summary["shift"], summary["severity"]) == ("contrast", 5)

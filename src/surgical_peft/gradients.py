@@ -34,7 +34,14 @@ from .blocks import unwrap_model
 from .errors import InputError
 from .modes import held_in_eval
 
-__all__ = ["gradient_snr", "labelled_batches", "probing", "relative_gradient_norms", "rgn_per_tensor"]
+__all__ = [
+    "batch_count",
+    "gradient_snr",
+    "labelled_batches",
+    "probing",
+    "relative_gradient_norms",
+    "rgn_per_tensor",
+]
 
 _WEIGHT_NORM_FLOOR = 1e-12  # a tensor of zeros (a fresh bias) has no relative scale: its norm is floored
 _VARIANCE_FLOOR = 1e-30  # entries whose gradient is always 0 get SNR 0 rather than 0/0
@@ -61,6 +68,20 @@ def labelled_batches(
             return
     if count == 0:
         raise InputError("The dataloader is empty: ranking blocks needs at least one labelled target batch.")
+
+
+def batch_count(dataloader: Any, num_batches: int | None) -> int | None:
+    """How many batches `labelled_batches(dataloader, num_batches, ...)` yields: `num_batches`, or fewer when the
+    dataloader holds fewer (`None` when neither says).
+
+    Example:
+        >>> batch_count([{"pixel_values": None, "labels": None}] * 3, 4), batch_count(iter([]), None)
+        (3, None)
+    """
+    available = len(dataloader) if hasattr(dataloader, "__len__") else None
+    if num_batches is None or available is None:
+        return num_batches if available is None else available
+    return min(num_batches, available)
 
 
 @contextmanager

@@ -1,5 +1,6 @@
 """Options that several commands share, defined once: the target data (`--shift`, `--severity`, `--train-n`,
-`--seed`) and the cache of the built-in model (`--cache-dir`).
+`--seed`), how a dataset is read (`--split`, columns, unreadable images) and the cache of the built-in model
+(`--cache-dir`).
 
 Example:
     >>> import argparse
@@ -18,7 +19,7 @@ from ..experiments.data import SHIFTS
 from ..experiments.demo import DEFAULT_SHIFT, SOURCE_MODEL
 from ..experiments.shifts import SEVERITIES
 
-__all__ = ["MODEL_HELP", "add_cache_dir_option", "add_target_options"]
+__all__ = ["MODEL_HELP", "add_cache_dir_option", "add_dataset_options", "add_target_options"]
 
 MODEL_HELP = (
     "a Hub model id (read from the local cache when offline), a local directory saved with save_pretrained, "
@@ -26,16 +27,42 @@ MODEL_HELP = (
 )
 
 
-def add_target_options(group: Any, *, train_n: int, shift: str = DEFAULT_SHIFT) -> None:
-    """`--shift`, `--severity`, `--train-n` and `--seed` on `group` (a parser or an argument group)."""
+def add_target_options(
+    group: Any, *, train_n: int, shift: str | None = DEFAULT_SHIFT, severity: int | None = SEVERITIES[-1]
+) -> None:
+    """`--shift`, `--severity`, `--train-n` and `--seed` on `group` (a parser or an argument group).
+
+    `shift=None` and `severity=None` leave the defaults to `surgical_peft.cli.target.resolve_shift`: the demo's shift
+    for the built-in demo, none for your own model or data."""
+    shift_default = f"default: {shift}" if shift else f"default: {DEFAULT_SHIFT} for the built-in demo, else none"
     group.add_argument(
-        "--shift", choices=SHIFTS, default=shift, metavar="SHIFT", help=f"target shift: {', '.join(SHIFTS)}"
+        "--shift",
+        choices=SHIFTS,
+        default=shift,
+        metavar="SHIFT",
+        help=f"target shift: {', '.join(SHIFTS)} ({shift_default})",
     )
     group.add_argument(
-        "--severity", type=int, choices=SEVERITIES, default=SEVERITIES[-1], help="corruption severity, 1-5"
+        "--severity",
+        type=int,
+        choices=SEVERITIES,
+        default=severity,
+        help=f"corruption severity, 1-5 (default: {severity or SEVERITIES[-1]}; for a corruption only)",
     )
     group.add_argument("--train-n", type=int, default=train_n, help="labelled target training images")
     group.add_argument("--seed", type=int, default=0, help="seed of the data splits, the shift and the training")
+
+
+def add_dataset_options(group: Any) -> None:
+    """`--split`, `--image-column`, `--label-column` and `--skip-unreadable-images`: how a dataset is read."""
+    group.add_argument("--split", default="train", help="dataset split to use (default: %(default)s)")
+    group.add_argument("--image-column", help="image column (default: the first datasets.Image column)")
+    group.add_argument("--label-column", help="label column (default: the first ClassLabel column)")
+    group.add_argument(
+        "--skip-unreadable-images",
+        action="store_true",
+        help="leave out images that cannot be decoded (named in a warning) instead of stopping",
+    )
 
 
 def add_cache_dir_option(group: Any) -> None:

@@ -21,13 +21,19 @@ from typing import Any
 from ..errors import InputError
 from ..experiments.data import DIGITS, load_image_dataset
 from ..privacy import PrivacyArguments, check_delta, check_private_data
-from ..training import FineTuneArguments
+from ..training import STRATEGIES, FineTuneArguments
 from ..training.strategies.dp_surgical import check_blocks
 
-__all__ = ["add_privacy_arguments", "card_rows", "check_private_run", "privacy_arguments", "public_dataset"]
+__all__ = [
+    "add_privacy_arguments",
+    "card_rows",
+    "check_private_run",
+    "needs_source_half",
+    "privacy_arguments",
+    "public_dataset",
+]
 
 PRIVATE_STRATEGY = "dp-linear-probe"
-DP_SGD_STRATEGY = "dp-surgical"
 _DEFAULTS = PrivacyArguments(epsilon=1.0)
 _OPTIONS = {"epsilon": "--epsilon", "feature_norm": "--feature-norm", "pca_dim": "--pca-dim",
             "public_dataset": "--public-dataset"}  # fmt: skip
@@ -70,6 +76,22 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _privacy_fields(strategy: str) -> tuple[str, ...]:
+    """The `PrivacyArguments` fields `strategy` reads (none for a strategy that is not differentially private)."""
+    return getattr(STRATEGIES.get(strategy), "privacy_fields", ())
+
+
+def _check_options_apply(args: argparse.Namespace) -> None:
+    """An `InputError` naming each privacy option given that `args.strategy` does not read, and the strategies that
+    do (from the strategy registry)."""
+    given = [name for name in _OPTIONS if getattr(args, name) not in (None, False)]
+    misplaced = [name for name in given if name not in _privacy_fields(args.strategy)]
+    if misplaced:
+        users = {name: [s for s in STRATEGIES.names if name in _privacy_fields(s)] for name in misplaced}
+        applies = "; ".join(f"{_OPTIONS[name]} applies to --strategy {' or '.join(users[name])}" for name in misplaced)
+        raise InputError(f"{applies}, not to {args.strategy}.")
+
+
 def privacy_arguments(args: argparse.Namespace) -> PrivacyArguments | None:
     """The `PrivacyArguments` the options describe (`None` for another strategy); without its public dataset, which
     `public_dataset` loads once the model is.
@@ -78,15 +100,11 @@ def privacy_arguments(args: argparse.Namespace) -> PrivacyArguments | None:
         InputError: for a bad budget or setting, privacy options with another strategy, or `--pca-dim` without public
             data.
     """
-    given = [option for name, option in _OPTIONS.items() if getattr(args, name) not in (None, False)]
-    if args.strategy not in (PRIVATE_STRATEGY, DP_SGD_STRATEGY):
-        if given:
-            raise InputError(f"{', '.join(given)} apply to --strategy {PRIVATE_STRATEGY} only, not {args.strategy}.")
+    _check_options_apply(args)
+    if not _privacy_fields(args.strategy):
         return None
     if args.epsilon is None:
         raise InputError(f"--strategy {args.strategy} needs --epsilon, the privacy budget (a finite number > 0).")
-    if args.strategy == DP_SGD_STRATEGY and given != ["--epsilon"]:
-        raise InputError(f"{', '.join(given[1:])} apply to --strategy {PRIVATE_STRATEGY} only, not {args.strategy}.")
     if args.pca_dim is not None and args.public_dataset is None and args.dataset != DIGITS:
         raise InputError(
             f"--pca-dim needs public data to fit the basis on: pass --public-dataset (only the built-in {DIGITS!r} "
@@ -103,12 +121,17 @@ def privacy_arguments(args: argparse.Namespace) -> PrivacyArguments | None:
     )
 
 
+def needs_source_half(args: argparse.Namespace) -> bool:
+    """Whether the run's public data is the source half of the dataset: `--pca-dim` without `--public-dataset`."""
+    return args.strategy == PRIVATE_STRATEGY and args.pca_dim is not None and args.public_dataset is None
+
+
 def public_dataset(args: argparse.Namespace, source: Any, preprocess: Callable[[Any], Any]) -> Any | None:
     """The preprocessed public examples for `--pca-dim`: `--public-dataset`, else the built-in digits' `source`
     half (clean digits, what the built-in model was pretrained on); `None` when no PCA is asked for."""
     if args.strategy != PRIVATE_STRATEGY or args.pca_dim is None:
         return None
-    if args.public_dataset is None:
+    if needs_source_half(args):
         return preprocess(source)
     public = load_image_dataset(
         args.public_dataset, split=args.split, image_column=args.image_column, label_column=args.label_column

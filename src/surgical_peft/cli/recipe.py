@@ -35,16 +35,23 @@ from peft import get_peft_model_state_dict
 
 from ..blocks import HEAD, SPECIAL, list_blocks
 from ..errors import InputError
-from ..experiments.data import DIGITS, load_image_dataset, make_target
+from ..experiments.data import DIGITS
 from ..experiments.demo import SOURCE_MODEL
-from ..experiments.shifts import CORRUPTIONS
 from ..hub import push_adapter, render_model_card, save_adapter_with_card
 from ..training import LR_MODES, MIXED_PRECISION, STRATEGIES, FineTuneArguments, fine_tune
 from ..training.accelerator import check_mixed_precision
 from ..tuner import DELTA_DTYPES
 from .models import LoadedModel, load_model
-from .options import MODEL_HELP, add_cache_dir_option, add_target_options
-from .privacy import add_privacy_arguments, card_rows, check_private_run, privacy_arguments, public_dataset
+from .options import MODEL_HELP, add_cache_dir_option, add_dataset_options, add_target_options
+from .privacy import (
+    add_privacy_arguments,
+    card_rows,
+    check_private_run,
+    needs_source_half,
+    privacy_arguments,
+    public_dataset,
+)
+from .target import load_target, resolve_shift
 
 __all__ = ["add_training_arguments", "fine_tune_arguments", "print_summary", "run_training", "training_option_names"]
 
@@ -55,22 +62,27 @@ _RESUMABLE = ("epochs", "lp_epochs", "output_dir", "push_to_hub", "hub_model_id"
 _RUN_FILE = "run_args.json"
 
 
+def _at_least_one(value: str) -> int:
+    """An `argparse` type: a whole number of at least 1."""
+    if not value.strip().lstrip("+-").isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("model and data")
     data.add_argument("--model", help=f"{MODEL_HELP} (default: {SOURCE_MODEL}, pretrained on the source half)")
     data.add_argument(
-        "--dataset", default=DIGITS, help="Hub dataset id, local imagefolder directory, or 'digits' (default)"
+        "--dataset",
+        default=DIGITS,
+        help="Hub dataset id, local imagefolder directory, or 'digits' (default); with your own model or dataset, "
+        "all of it is the target",
     )
-    data.add_argument("--split", default="train", help="dataset split to use (default: %(default)s)")
-    data.add_argument("--image-column", help="image column (default: the first datasets.Image column)")
-    data.add_argument("--label-column", help="label column (default: the first ClassLabel column)")
+    add_dataset_options(data)
+    add_target_options(data, train_n=_DEFAULT_TRAIN_N, shift=None, severity=None)
     data.add_argument(
-        "--skip-unreadable-images",
-        action="store_true",
-        help="leave out images that cannot be decoded (named in a warning) instead of stopping",
+        "--eval-n", type=_at_least_one, help="target evaluation images (default: the rest of the target)"
     )
-    add_target_options(data, train_n=_DEFAULT_TRAIN_N)
-    data.add_argument("--eval-n", type=int, help="target evaluation images (default: the rest of the target half)")
     add_cache_dir_option(data)
 
 
@@ -212,7 +224,7 @@ def _run_name(args: argparse.Namespace, blocks: list[str]) -> str:
 
 def _check_resumable(output_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The run's settings; an `InputError` if `output_dir` holds checkpoints of a run with other settings."""
-    names = training_option_names() - set(_RESUMABLE)
+    names = training_option_names() - set(_RESUMABLE) - ({"severity"} if args.severity is None else set())
     settings = {key: value for key, value in sorted(vars(args).items()) if key in names}
     recorded = output_dir / _RUN_FILE
     if recorded.is_file() and (output_dir / "checkpoints").is_dir():
@@ -289,36 +301,29 @@ def _load_checked_model(
 
 def _prepare(args: argparse.Namespace, state: PartialState) -> _Run:
     _quiet(state, args.progress)
+    resolve_shift(args)
     fine_tune_args = fine_tune_arguments(args)
     check_mixed_precision(fine_tune_args.mixed_precision, state.device)
     output_dir = _output_dir(args, fine_tune_args)
     settings = _check_resumable(output_dir, args)
-    dataset = load_image_dataset(
-        args.dataset,
-        split=args.split,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        skip_unreadable=args.skip_unreadable_images,
-    )
-    splits = make_target(
-        dataset, args.shift, train_n=args.train_n, eval_n=args.eval_n, severity=args.severity, seed=args.seed
-    )
-    label_names = dataset.features["label"].names
-    loaded = _load_checked_model(args, label_names, fine_tune_args.blocks, state)
+    target = load_target(args, eval_n=args.eval_n, public_half=needs_source_half(args))
+    if state.is_main_process:
+        print(target.message, flush=True)
+    loaded = _load_checked_model(args, target.label_names, fine_tune_args.blocks, state)
     if loaded.modules_to_save and fine_tune_args.adapter_blocks() == [HEAD]:
         raise InputError(
-            f"The model's head was re-initialised for the dataset's {len(label_names)} labels, so it is saved in full "
-            "(modules_to_save), and an adapter of the head alone is not supported yet. Tune another block as well "
-            "(e.g. --strategy lp-ft --block stage4)."
+            f"The model's head was re-initialised for the dataset's {len(target.label_names)} labels, so it is saved "
+            "in full (modules_to_save), and an adapter of the head alone is not supported yet. Tune another block as "
+            "well (e.g. --strategy lp-ft --block stage4)."
         )
     if fine_tune_args.privacy is not None:  # differential privacy: the public data, and checks against the data
-        public = public_dataset(args, splits["source"], loaded.preprocess)
+        public = public_dataset(args, target.source, loaded.preprocess)
         fine_tune_args = replace(fine_tune_args, privacy=replace(fine_tune_args.privacy, public_dataset=public))
-        check_private_run(loaded.model, splits["train"].num_rows, fine_tune_args)
+        check_private_run(loaded.model, target.train.num_rows, fine_tune_args)
     return _Run(
         loaded=loaded,
-        train=loaded.preprocess(splits["train"]),
-        eval=loaded.preprocess(splits["eval"]),
+        train=loaded.preprocess(target.train),
+        eval=loaded.preprocess(target.eval),
         args=replace(fine_tune_args, modules_to_save=loaded.modules_to_save, output_dir=str(output_dir)),
         output_dir=output_dir,
         settings=settings,
@@ -373,11 +378,11 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         repo_id = args.hub_model_id or run.output_dir.name
         recipe = {"strategy": summary["strategy"], "blocks": ", ".join(summary["blocks"])}
         recipe.update({key: getattr(args, key) for key in ("lr", "epochs", "train_n", "batch_size", "seed")})
-        recipe.update(shift=args.shift, severity=args.severity if args.shift in CORRUPTIONS else "-")
+        recipe.update(shift=args.shift, severity=args.severity or "-")
         recipe.update(card_rows(result.privacy) if result.privacy is not None else {})
         card = render_model_card(
             result.model,
-            shift=args.shift,
+            shift=None if args.shift == "none" else args.shift,  # no shift:none tag on your own data
             dataset=args.dataset,
             recipe=recipe,
             metrics=result.metrics,
@@ -392,7 +397,10 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """Print a run's final metrics and where its adapter is (on the main process only)."""
+    """Print a run's final metrics, where its adapter is and, after a push, the Hub commit's URL (on the main process
+    only)."""
     if PartialState().is_main_process:
         metrics = ", ".join(f"{name} {value:.4f}" for name, value in summary["metrics"].items())
         print(f"{summary['strategy']} {'+'.join(summary['blocks'])}: {metrics}. Adapter: {summary['adapter_dir']}")
+        if "commit_url" in summary:
+            print(f"Pushed to the Hub: {summary['commit_url']}")

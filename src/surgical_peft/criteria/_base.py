@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..blocks import BlockMap, unwrap_model
 from ..errors import InputError
-from ..gradients import labelled_batches
+from ..gradients import batch_count, labelled_batches
 from ..ranking import BlockRanking
 
 if TYPE_CHECKING:
@@ -92,7 +92,8 @@ class TensorCriterion:
         chosen = [candidates.parameters[name] for name in names]
         batches = labelled_batches(dataloader, options.num_batches, chosen[0].device)
         if options.progress:
-            batches = tqdm(batches, desc=f"{self.name} ranking", total=options.num_batches, leave=False)
+            total = batch_count(dataloader, options.num_batches)
+            batches = tqdm(batches, desc=f"{self.name} ranking", total=total, leave=False)
         values, num_examples = self.tensor_scores(unwrap_model(model), names, chosen, batches)
         tensor_scores = dict(zip(names, values.tolist(), strict=True))
         scores = {

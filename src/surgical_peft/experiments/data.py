@@ -36,6 +36,8 @@ from . import shifts
 __all__ = [
     "DIGITS",
     "SHIFTS",
+    "SOURCE_SHIFTS",
+    "check_shift",
     "image_transform",
     "load_digits",
     "load_image_dataset",
@@ -232,30 +234,44 @@ def split_target(
     Args:
         dataset: a dataset with a `ClassLabel` column `label` (as `load_image_dataset` returns).
         train_n: size of the labelled target training set.
-        eval_n: size of the evaluation set; default: every other example.
+        eval_n: size of the evaluation set; default: every other example (at least one); 0: no `eval` split (for a
+            caller that only trains or ranks, which may then take every example).
         seed: seed of the split.
 
     Raises:
-        ValueError: if `train_n + eval_n` exceeds the dataset, or either is below 1.
+        ValueError: if `train_n + eval_n` exceeds the dataset, `train_n` is below 1 or `eval_n` below 0.
 
     Example:
         >>> from surgical_peft.experiments.data import load_digits
         >>> splits = split_target(load_digits(), train_n=200, seed=0)
         >>> splits["train"].num_rows, splits["eval"].num_rows
         (200, 1597)
+        >>> list(split_target(load_digits(), train_n=1797, eval_n=0))
+        ['train']
     """
-    if train_n < 1 or (eval_n is not None and eval_n < 1):
-        raise InputError(f"train_n and eval_n must be at least 1, got train_n={train_n}, eval_n={eval_n}.")
-    eval_n = dataset.num_rows - train_n if eval_n is None else eval_n
-    if train_n + max(eval_n, 1) > dataset.num_rows:
+    if train_n < 1 or (eval_n is not None and eval_n < 0):
+        raise InputError(f"train_n must be at least 1 and eval_n at least 0, got train_n={train_n}, eval_n={eval_n}.")
+    kept = 1 if eval_n is None else eval_n  # the examples evaluation needs at least
+    if train_n + kept > dataset.num_rows:
+        evaluation = f" (plus eval_n={kept} for evaluation)" if kept else ""
         raise InputError(
-            f"train_n={train_n} (plus eval_n={max(eval_n, 1)} for evaluation) is larger than the target data: it has "
-            f"{dataset.num_rows} examples, so train_n can be at most {dataset.num_rows - max(eval_n, 1)}."
+            f"train_n={train_n}{evaluation} is larger than the target data: it has {dataset.num_rows} examples, so "
+            f"train_n can be at most {dataset.num_rows - kept}."
         )
+    rest = dataset.num_rows - train_n
+    eval_n = rest if eval_n is None else eval_n
+    if rest == 0:
+        return datasets.DatasetDict(train=dataset.shuffle(seed=seed))
     num_classes = dataset.features["label"].num_classes
-    stratify = "label" if min(train_n, eval_n) >= num_classes else None
-    splits = dataset.train_test_split(train_size=train_n, test_size=eval_n, seed=seed, stratify_by_column=stratify)
-    return datasets.DatasetDict(train=splits["train"], eval=splits["test"])
+    stratify = "label" if min(train_n, eval_n or rest) >= num_classes else None
+    splits = dataset.train_test_split(
+        train_size=train_n, test_size=eval_n or None, seed=seed, stratify_by_column=stratify
+    )
+    return datasets.DatasetDict(train=splits["train"], **({"eval": splits["test"]} if eval_n else {}))
+
+
+SOURCE_SHIFTS = ("spurious", "subpopulation")
+"""The shifts that define a source and a target half between them (`split_source_target`)."""
 
 
 def split_source_target(dataset: datasets.Dataset, shift: str = "none", *, seed: int = 0) -> datasets.DatasetDict:
@@ -271,14 +287,25 @@ def split_source_target(dataset: datasets.Dataset, shift: str = "none", *, seed:
         >>> halves["source"].num_rows, halves["target"].num_rows
         (898, 899)
     """
-    if shift not in SHIFTS:
-        raise InputError(f"Unknown shift {shift!r}; valid choices: {', '.join(SHIFTS)}.")
+    check_shift(shift)
     if shift == "spurious":
         return shifts.spurious_shift(dataset, seed=seed)
     if shift == "subpopulation":
         return shifts.subpopulation_shift(dataset, seed=seed)
     halves = dataset.train_test_split(test_size=0.5, seed=seed, stratify_by_column="label")
     return datasets.DatasetDict(source=halves["train"], target=halves["test"])
+
+
+def check_shift(shift: str) -> str:
+    """`shift` if it is one of `SHIFTS`; an `InputError` naming the valid ones otherwise.
+
+    Example:
+        >>> check_shift("fog")
+        'fog'
+    """
+    if shift not in SHIFTS:
+        raise InputError(f"Unknown shift {shift!r}; valid choices: {', '.join(SHIFTS)}.")
+    return shift
 
 
 def make_target(
@@ -289,31 +316,40 @@ def make_target(
     eval_n: int | None = None,
     severity: int = 5,
     seed: int = 0,
+    split_source: bool = True,
 ) -> datasets.DatasetDict:
     """The experiment's splits: a `source` half, and the shifted target half cut into `train` and `eval`.
 
     The source half is clean except under `spurious` (markers correlated with the label) and `subpopulation` (its
-    own subpopulations), see `split_source_target`.
+    own subpopulations), see `split_source_target`. With `split_source=False` there is no source half: the whole
+    dataset is the target (your own data, with your own model).
 
     Args:
         dataset: columns `image` and `label`, as `load_image_dataset` returns.
         shift: one of `SHIFTS`: a corruption name from `shifts.CORRUPTIONS` (applied at `severity`),
             `"label-permutation"`, `"spurious"`, `"subpopulation"` or `"none"`.
         train_n: size of the small labelled target training set.
-        eval_n: size of the target evaluation set; default: the rest of the target half.
+        eval_n: size of the target evaluation set; default: the rest of the target; 0: no `eval` split.
         severity: corruption severity, 1 to 5.
         seed: seeds the halves, the target split and the shift.
+        split_source: whether to cut off a source half first; the `SOURCE_SHIFTS` need it.
 
     Raises:
-        ValueError: for an unknown shift, a severity outside 1-5, or `train_n` larger than the target data.
+        ValueError: for an unknown shift, a severity outside 1-5, `train_n` larger than the target data, or a
+            `SOURCE_SHIFTS` shift without `split_source`.
 
     Example:
         >>> from surgical_peft.experiments.data import load_digits
         >>> splits = make_target(load_digits(), "label-permutation", train_n=100, seed=0)
         >>> {name: split.num_rows for name, split in splits.items()}
         {'source': 898, 'train': 100, 'eval': 799}
+        >>> {name: split.num_rows for name, split in make_target(load_digits(), "none", train_n=100,
+        ...                                                           split_source=False).items()}
+        {'train': 100, 'eval': 1697}
     """
-    halves = split_source_target(dataset, shift, seed=seed)
+    if not split_source and check_shift(shift) in SOURCE_SHIFTS:
+        raise InputError(f"The {shift} shift defines a source and a target half: it needs split_source=True.")
+    halves = split_source_target(dataset, shift, seed=seed) if split_source else {"target": dataset}
     target = split_target(halves["target"], train_n, eval_n, seed=seed)
 
     def shifted(split: datasets.Dataset, index: int) -> datasets.Dataset:
@@ -323,8 +359,9 @@ def make_target(
             return shifts.permute_labels(split, seed=seed)
         return split  # spurious and subpopulation targets are shifted already; "none" is not
 
+    source = {"source": halves["source"]} if split_source else {}
     return datasets.DatasetDict(
-        source=halves["source"], train=shifted(target["train"], 0), eval=shifted(target["eval"], 1)
+        **source, **{name: shifted(split, index) for index, (name, split) in enumerate(target.items())}
     )
 
 

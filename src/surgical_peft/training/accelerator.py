@@ -9,10 +9,11 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs
 
+from ..blocks import ALL, BlockMap
 from ..errors import InputError
 from .arguments import FineTuneArguments
 
-__all__ = ["check_mixed_precision", "make_accelerator"]
+__all__ = ["check_mixed_precision", "make_accelerator", "may_leave_parameters_unused", "set_unused_parameter_search"]
 
 
 def check_mixed_precision(mixed_precision: str | None, device: torch.device) -> None:
@@ -41,10 +42,36 @@ def make_accelerator(args: FineTuneArguments) -> Accelerator:
         InputError: for fp16 on a CPU (`check_mixed_precision`).
     """
     check_mixed_precision(args.mixed_precision, PartialState().device)
-    # A block whose output is unused in some forward (e.g. a second head) would otherwise stall DDP.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        kwargs_handlers=[ddp],
+        kwargs_handlers=[DistributedDataParallelKwargs()],  # set per phase by `set_unused_parameter_search`
     )
+
+
+def may_leave_parameters_unused(blocks: list[str], block_map: BlockMap) -> bool:
+    """Whether a phase training `blocks` can hold a trainable parameter that a forward pass does not reach, so that
+    DDP must look for unused parameters after every forward (`find_unused_parameters=True`; without it, DDP waits
+    for their gradients forever; with it needlessly, every rank warns that it found none).
+
+    The rule: every phase is wrapped in DDP anew with only its own blocks trainable (`strategies.Phase`), so blocks
+    frozen for a while (`alternate`, `gradual`, LP-FT's probe) are never DDP's concern. A trained parameter goes
+    unreached only where a model keeps tensors that a classifier's forward uses for optional inputs or other heads
+    alone: in the whole model (`all`: e.g. an unused pooler) and in its first block, the stem or embeddings (e.g.
+    the `mask_token` of ViT-like models, used for masked image modelling only). Any other block is on every forward
+    path.
+
+    Example:
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> from surgical_peft.blocks import list_blocks
+        >>> blocks = list_blocks(ResNetForImageClassification(ResNetConfig(hidden_sizes=[8, 16], depths=[1, 1])))
+        >>> [may_leave_parameters_unused(chosen, blocks) for chosen in (["stage1"], ["embedder"], ["all"])]
+        [False, True, True]
+    """
+    return blocks == [ALL] or next(iter(block_map)) in blocks
+
+
+def set_unused_parameter_search(accelerator: Accelerator, blocks: list[str], block_map: BlockMap) -> None:
+    """Ask DDP to search for unused parameters in the next `prepare` exactly when `may_leave_parameters_unused`."""
+    if accelerator.ddp_handler is not None:
+        accelerator.ddp_handler.find_unused_parameters = may_leave_parameters_unused(blocks, block_map)

@@ -44,7 +44,7 @@ from ..errors import InputError
 from ..features import FeatureCache, IndexedDataset
 from ..selection import select_blocks
 from ..tuner import SurgicalConfig, quiet_get_peft_model
-from .accelerator import make_accelerator
+from .accelerator import make_accelerator, set_unused_parameter_search
 from .arguments import FineTuneArguments, FineTuneResult
 from .checkpoint import Progress, latest_checkpoint, save_checkpoint
 from .epoch import train_epoch
@@ -72,6 +72,7 @@ class _Run:
     eval_loader: DataLoader | None
     progress: Progress
     resume_from: Path | None  # the checkpoint to load when its phase starts
+    owns_accelerator: bool  # whether `fine_tune` made the accelerator (and so sets its DDP options)
 
 
 def epoch_seed(seed: int, phase: int, epoch: int, *, rgn: bool = False) -> int:
@@ -114,6 +115,7 @@ def _start(
     eval_dataset: Examples | None,
     args: FineTuneArguments,
     accelerator: Accelerator,
+    owns_accelerator: bool,
 ) -> _Run:
     peft_model = _surgical_model(model, args)
     generator = torch.Generator()
@@ -130,6 +132,7 @@ def _start(
         eval_loader=DataLoader(eval_dataset, batch_size=args.batch_size) if eval_dataset is not None else None,
         progress=resume[1] if resume else Progress(),
         resume_from=resume[0] if resume else None,
+        owns_accelerator=owns_accelerator,
     )
 
 
@@ -168,6 +171,8 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
     parameters = [p for _, p in trainable]
     depths = block_depths(run.block_map, [name for name, _ in trainable]) if args.lr_decay != 1 else None
     optimizer = make_optimizer(parameters, phase.learning_rate, args, depths)
+    if run.owns_accelerator:
+        set_unused_parameter_search(accelerator, phase.blocks, run.block_map)
     model, optimizer, loader = accelerator.prepare(run.model, optimizer, run.train_loader)
     eval_loader = accelerator.prepare(run.eval_loader) if run.eval_loader is not None else None
     if run.resume_from is not None and run.progress.phase == index:
@@ -239,7 +244,7 @@ def fine_tune(
         return strategy.run(_surgical_model(model, args), train_dataset, eval_dataset, args, accelerator)
     if args.blocks == [AUTO]:
         args = _resolve_auto(model, train_dataset, args, accelerator)
-    run = _start(model, train_dataset, eval_dataset, args, accelerator)
+    run = _start(model, train_dataset, eval_dataset, args, accelerator, not callers_accelerator)
     last_accuracy = None  # eval accuracy after this call's last epoch
     for index, phase in enumerate(args.phases()):
         accuracy = _run_phase(run, index, phase)

@@ -11,11 +11,11 @@ from torch.utils.data import DataLoader
 
 from ...criteria import CRITERIA
 from ...errors import InputError
-from ...experiments.data import load_image_dataset, make_target
 from ...selection import rank_blocks
 from ...training import FineTuneArguments
 from ..models import load_model
-from ..options import MODEL_HELP, add_cache_dir_option, add_target_options
+from ..options import MODEL_HELP, add_cache_dir_option, add_dataset_options, add_target_options
+from ..target import load_target
 
 __all__ = ["COMMAND"]
 
@@ -29,27 +29,28 @@ class Rank:
         "  sweep  fine-tune each block briefly and score it on held-out data (slow, direct)\n"
         "  greedy grow a block subset by held-out accuracy, one block at a time (slowest; SubTuning)\n"
         "Prints a table of block, score and parameter count; the best block is the one to tune.\n\n"
-        "DATA is split into a source and a target half (see surgical_peft.experiments.data.make_target); the\n"
-        "blocks are ranked on --train-n labelled images of the target half, after --shift. With MODEL demo-resnet,\n"
-        "the model is the demo's small ResNet pretrained on the source half for that shift (a minute the first\n"
-        "time, then cached)."
+        "The blocks are ranked on --train-n labelled target images, after --shift. With your own MODEL or DATA,\n"
+        "all of DATA is the target and no shift is applied unless --shift asks. The built-in demo (demo-resnet on\n"
+        "digits) splits the digits into a source half, which the demo's small ResNet is pretrained on for the shift\n"
+        "(a minute the first time, then cached), and a target half, shifted by contrast at severity 5 by default."
     )
     epilog = (
         "examples:\n"
         "  surgical-peft rank demo-resnet digits --shift contrast\n"
         "  surgical-peft rank demo-resnet digits --shift label-permutation --criterion sweep --plot ranking.png\n"
-        "  surgical-peft rank ./my-model ./my-imagefolder --shift none --criterion snr --json ranking.json"
+        "  surgical-peft rank ./my-model ./my-imagefolder --criterion snr --json ranking.json"
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
         parser.add_argument(
-            "data",
+            "dataset",
             metavar="DATA",
             help="the data: 'digits' (built in), a Hub dataset id (cached, when offline) or an imagefolder directory",
         )
         parser.add_argument("--criterion", choices=CRITERIA.names, default="rgn", help="how blocks are scored")
-        add_target_options(parser, train_n=200)
+        add_dataset_options(parser)
+        add_target_options(parser, train_n=200, shift=None, severity=None)
         add_cache_dir_option(parser)
         parser.add_argument("--num-batches", type=int, default=4, help="batches rgn and snr average over")
         parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
@@ -66,17 +67,17 @@ class Rank:
         parser.add_argument("--json", metavar="PATH", help="save the scores as JSON here")
 
     def run(self, args: argparse.Namespace) -> None:
-        dataset = load_image_dataset(args.data)
-        target = make_target(dataset, args.shift, train_n=args.train_n, severity=args.severity, seed=args.seed)
+        target = load_target(args, eval_n=0, use="ranking")
+        print(target.message, flush=True)
         loaded = load_model(args.model, shift=args.shift, seed=args.seed, cache_dir=args.cache_dir)
-        num_classes, num_labels = dataset.features["label"].num_classes, loaded.model.config.num_labels
+        num_classes, num_labels = len(target.label_names), loaded.model.config.num_labels
         if num_classes > num_labels:
             raise InputError(
-                f"{args.data!r} has {num_classes} classes but the model's head predicts {num_labels}: use a model "
+                f"{args.dataset!r} has {num_classes} classes but the model's head predicts {num_labels}: use a model "
                 "fine-tuned for this label set (e.g. one saved by 'surgical-peft train')."
             )
         loader = DataLoader(
-            loaded.preprocess(target["train"], image_size=args.image_size),
+            loaded.preprocess(target.train, image_size=args.image_size),
             batch_size=args.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(args.seed),

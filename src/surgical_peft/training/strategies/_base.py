@@ -28,7 +28,8 @@ class Phase:
 
 
 class Strategy(Protocol):
-    """A training strategy."""
+    """A training strategy. A differentially private one also has `privacy_fields`: the `PrivacyArguments` fields
+    it reads (the command line refuses the others with it)."""
 
     description: str  # shown in the command line's help
     uses_blocks: bool  # whether it trains `FineTuneArguments.blocks` (which then may not be empty)

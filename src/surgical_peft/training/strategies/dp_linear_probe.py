@@ -29,6 +29,8 @@ __all__ = ["STRATEGY"]
 
 class DPLinearProbe:
     uses_blocks = False
+    privacy_fields = ("epsilon", "delta", "feature_norm", "pca_dim", "public_dataset", "steps", "learning_rate",
+                      "clipping_norm")  # fmt: skip
     description = "the head by NoisyGD on frozen features, (epsilon, delta)-differentially private"
 
     def phases(self, args: FineTuneArguments) -> list[Phase]:

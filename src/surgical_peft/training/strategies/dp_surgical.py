@@ -59,6 +59,7 @@ def check_blocks(model: nn.Module, blocks: list[str]) -> None:
 
 class DPSurgical:
     uses_blocks = True
+    privacy_fields = ("epsilon", "delta", "clipping_norm")
     description = "the chosen blocks by DP-SGD with Opacus (no BatchNorm blocks), differentially private"
 
     def phases(self, args: FineTuneArguments) -> list[Phase]:
