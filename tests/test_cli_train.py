@@ -64,6 +64,15 @@ def test_demo_runs_through_main(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["accuracy"]
 
 
+def test_no_progress_hides_the_demo_models_pretraining(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(surgical_peft.experiments.demo, "_PRETRAIN_EPOCHS", 1)
+        argv = ["train", "--block", "head", *TINY, "--cache-dir", str(tmp_path / "cache")]
+        assert main([*argv, "--output-dir", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "cache").is_dir()  # the demo model was pretrained in this run
+    assert "epoch" not in capsys.readouterr().err
+
+
 def test_skip_unreadable_images(model_dir: str, tmp_path: Path) -> None:
     folder = image_folder(tmp_path / "images", ("dark", "light"), broken=True)
     argv = ["train", "--model", model_dir, "--dataset", folder, "--shift", "none", "--block", "stage2", *TINY]

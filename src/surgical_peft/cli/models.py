@@ -57,10 +57,10 @@ class LoadedModel:
         return preprocess(split, self.processor, image_size=image_size or self.image_size)
 
 
-def _demo_model_path(shift: str, seed: int, cache_dir: str | None, state: Any) -> str:
+def _demo_model_path(shift: str, seed: int, cache_dir: str | None, state: Any, progress: bool) -> str:
     """The demo's source model, pretrained (first on the main process, when there are several) and cached."""
     with state.main_process_first() if state is not None else contextlib.nullcontext():
-        return str(demo.source_model(shift, seed=seed, cache_dir=cache_dir))
+        return str(demo.source_model(shift, seed=seed, cache_dir=cache_dir, progress=progress))
 
 
 def _check_loadable(name: str) -> Any:
@@ -82,6 +82,7 @@ def load_model(
     seed: int = 0,
     cache_dir: str | None = None,
     state: Any = None,
+    progress: bool = True,
 ) -> LoadedModel:
     """Load the image classifier `name`.
 
@@ -91,6 +92,7 @@ def load_model(
             for them and returned as `modules_to_save` (trained and saved in full).
         pretrained: `False` gives `demo-resnet`'s architecture without pretraining it (e.g. to list its blocks).
         state: Accelerate's process state, so that only the main process pretrains `demo-resnet`.
+        progress: show the progress bars of pretraining `demo-resnet`.
 
     Raises:
         InputError: if the model cannot be loaded.
@@ -98,7 +100,7 @@ def load_model(
     if name == demo.SOURCE_MODEL:
         if not pretrained:
             return LoadedModel(ResNetForImageClassification(demo.source_config()), name, None)
-        name = _demo_model_path(shift, seed, cache_dir, state)
+        name = _demo_model_path(shift, seed, cache_dir, state, progress)
     config = _check_loadable(name)
     processor = load_image_processor(name)
     if label_names is None or config.num_labels == len(label_names):

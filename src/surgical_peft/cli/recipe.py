@@ -294,6 +294,7 @@ def _load_checked_model(
         seed=args.seed,
         cache_dir=args.cache_dir,
         state=state,
+        progress=args.progress and state.is_main_process,
     )
     _check_blocks(loaded.model, blocks)
     return loaded
