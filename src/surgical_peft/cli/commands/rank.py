@@ -6,15 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
 from ...criteria import CRITERIA
 from ...errors import InputError
-from ...experiments.data import load_image_dataset, make_target
-from ...selection import rank_blocks
-from ...training import FineTuneArguments
-from ..models import load_model
 from ..options import MODEL_HELP, add_cache_dir_option, add_target_options
 
 __all__ = ["COMMAND"]
@@ -66,6 +59,14 @@ class Rank:
         parser.add_argument("--json", metavar="PATH", help="save the scores as JSON here")
 
     def run(self, args: argparse.Namespace) -> None:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from ...experiments.data import load_image_dataset, make_target
+        from ...selection import rank_blocks
+        from ...training import FineTuneArguments
+        from ..models import load_model
+
         dataset = load_image_dataset(args.data)
         target = make_target(dataset, args.shift, train_n=args.train_n, severity=args.severity, seed=args.seed)
         loaded = load_model(args.model, shift=args.shift, seed=args.seed, cache_dir=args.cache_dir)
