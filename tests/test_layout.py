@@ -8,6 +8,7 @@ the importing module (Python has started them already).
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,7 @@ def _cycle() -> list[str] | None:
 
 def test_the_walker_sees_imports() -> None:
     assert "surgical_peft.tuner.config" in GRAPH["surgical_peft.tuner.model"]
-    assert "surgical_peft.training.loop" in GRAPH["surgical_peft.training"]
+    assert "surgical_peft.cli.models" in GRAPH["surgical_peft.cli.commands.blocks"]  # in a function
     assert "surgical_peft.training" in GRAPH["surgical_peft.criteria.sweep"]
 
 
@@ -122,8 +123,44 @@ def test_layers(lower: str, higher: str) -> None:
     assert not wrong, wrong
 
 
+# Seconds each to import: what `import surgical_peft` and the command line's help must not cost.
+HEAVY = ["torch", "peft", "transformers", "accelerate", "datasets", "evaluate", "matplotlib", "numpy", "PIL"]
+HEAVY_LAYERS = [
+    "surgical_peft.tuner",
+    "surgical_peft.blocks",
+    "surgical_peft.training.loop",
+    "surgical_peft.selection",
+]
+
+# `python -m surgical_peft.cli ARGV`, in-process so that its `sys.modules` can be read after it exits.
+RUN_CLI = """
+import runpy, sys
+sys.argv = ["surgical-peft", *{argv!r}]
+try:
+    runpy.run_module("surgical_peft.cli", run_name="__main__")
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+"""
+
+
+def _loaded_after(script: str, modules: list[str]) -> list[str]:
+    """Which of `modules` are in `sys.modules` after `script` runs in a fresh interpreter."""
+    check = f"\nimport json, sys\nprint(json.dumps([name for name in {modules!r} if name in sys.modules]))"
+    result = subprocess.run([sys.executable, "-c", script + check], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def test_importing_the_package_stays_light() -> None:
-    heavy = ["surgical_peft.training", "surgical_peft.selection", "evaluate", "datasets", "matplotlib"]
-    script = f"import sys, surgical_peft; print([m for m in {heavy!r} if m in sys.modules])"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
-    assert result.stdout.strip() == "[]"
+    """`import surgical_peft` imports neither torch nor PEFT: its names load on first use, and it registers with PEFT
+    once PEFT is imported (`surgical_peft.registration`, tested in test_registration.py)."""
+    assert _loaded_after("import surgical_peft", [*HEAVY, *HEAVY_LAYERS, "surgical_peft.training"]) == []
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["train", "--help"], ["rank", "--help"], ["blocks", "-h"], ["demo", "-h"]]
+)
+def test_the_command_lines_help_stays_light(argv: list[str]) -> None:
+    """`surgical-peft [COMMAND] --help` builds every command's parser without torch, PEFT, transformers, Accelerate
+    or `datasets` (their defaults are copied in `surgical_peft.cli.defaults`)."""
+    assert _loaded_after(RUN_CLI.format(argv=argv), [*HEAVY, *HEAVY_LAYERS]) == []

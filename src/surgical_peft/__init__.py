@@ -1,8 +1,9 @@
 """surgical-peft: surgical fine-tuning (Lee et al., ICLR 2023) as a PEFT method.
 
-Importing the package registers the `"SURGICAL"` PEFT type, so that `peft.get_peft_model`, `PeftModel.from_pretrained`
-and `AutoPeftModel*.from_pretrained` work with `SurgicalConfig` and with adapters saved from it. It loads the tuner
-and the block maps only; `rank_blocks`, `select_blocks` and `BlockRanking` are imported on first use.
+Importing the package registers the `"SURGICAL"` PEFT type, so that `peft.get_peft_model`, `PeftModel.from_pretrained`,
+`PeftConfig.from_pretrained` and `AutoPeftModel*.from_pretrained` work with `SurgicalConfig` and with adapters saved
+from it, whether PEFT is imported before or after (`surgical_peft.registration`). The import itself is light: it
+loads neither torch nor PEFT; each public name is imported on first use.
 
 Example:
     >>> import surgical_peft
@@ -19,8 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .blocks import BlockMap, list_blocks
-from .tuner import SurgicalConfig, SurgicalModel, save_adapter
+from .registration import register_with_peft
 
 __version__ = "0.1.0"
 __all__ = [
@@ -34,7 +34,18 @@ __all__ = [
     "select_blocks",
 ]
 
-_LAZY = {"BlockRanking": "selection", "rank_blocks": "selection", "select_blocks": "selection"}
+_LAZY = {
+    "BlockMap": "blocks",
+    "BlockRanking": "selection",
+    "SurgicalConfig": "tuner",
+    "SurgicalModel": "tuner",
+    "list_blocks": "blocks",
+    "rank_blocks": "selection",
+    "save_adapter": "tuner",
+    "select_blocks": "selection",
+}
+
+register_with_peft()
 
 
 def __getattr__(name: str) -> Any:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..experiments.data import SHIFTS
-from ..experiments.demo import DEFAULT_SHIFT, SOURCE_MODEL
-from ..experiments.shifts import SEVERITIES
+from .defaults import DEFAULT_SHIFT, SEVERITIES, SHIFTS, SOURCE_MODEL
 
 __all__ = ["MODEL_HELP", "add_cache_dir_option", "add_dataset_options", "add_target_options"]
 

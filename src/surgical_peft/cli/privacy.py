@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from ..experiments.data import DIGITS, load_image_dataset
-from ..privacy import PrivacyArguments, check_delta, check_private_data
-from ..training import STRATEGIES, FineTuneArguments
-from ..training.strategies.dp_surgical import check_blocks
+from ..training import STRATEGIES  # the registry, light: a member is imported when asked for
+from .defaults import DIGITS, PRIVACY
+
+if TYPE_CHECKING:  # imported where they run, so that the parser (`--help`) stays fast
+    from ..privacy import PrivacyArguments
+    from ..training import FineTuneArguments
 
 __all__ = [
     "add_privacy_arguments",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 PRIVATE_STRATEGY = "dp-linear-probe"
-_DEFAULTS = PrivacyArguments(epsilon=1.0)
+_DEFAULTS = PRIVACY
 _OPTIONS = {"epsilon": "--epsilon", "feature_norm": "--feature-norm", "pca_dim": "--pca-dim",
             "public_dataset": "--public-dataset"}  # fmt: skip
 
@@ -110,6 +112,8 @@ def privacy_arguments(args: argparse.Namespace) -> PrivacyArguments | None:
             f"--pca-dim needs public data to fit the basis on: pass --public-dataset (only the built-in {DIGITS!r} "
             "has a public source half); the private target is never used for it."
         )
+    from ..privacy import PrivacyArguments
+
     return PrivacyArguments(
         epsilon=args.epsilon,
         delta=args.delta,
@@ -133,6 +137,8 @@ def public_dataset(args: argparse.Namespace, source: Any, preprocess: Callable[[
         return None
     if needs_source_half(args):
         return preprocess(source)
+    from ..experiments.data import load_image_dataset
+
     public = load_image_dataset(
         args.public_dataset, split=args.split, image_column=args.image_column, label_column=args.label_column
     )
@@ -146,6 +152,9 @@ def check_private_run(model: Any, num_private: int, args: FineTuneArguments) -> 
         InputError: for delta >= 1/n, a PCA dimension out of range, a head that is not linear (`dp-linear-probe`), or
             a block holding BatchNorm (`dp-surgical`).
     """
+    from ..privacy import check_delta, check_private_data
+    from ..training.strategies.dp_surgical import check_blocks
+
     if args.strategy == PRIVATE_STRATEGY:
         check_private_data(model, num_private, args.privacy)
     else:

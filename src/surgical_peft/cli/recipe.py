@@ -22,26 +22,11 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
-import safetensors.torch
-import torch
-import transformers
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
-from huggingface_hub.utils import HFValidationError, validate_repo_id
-from peft import get_peft_model_state_dict
-
-from ..blocks import HEAD, SPECIAL, list_blocks
 from ..errors import InputError
-from ..experiments.data import DIGITS
-from ..experiments.demo import SOURCE_MODEL
-from ..hub import push_adapter, render_model_card, save_adapter_with_card
-from ..training import LR_MODES, MIXED_PRECISION, STRATEGIES, FineTuneArguments, fine_tune
-from ..training.accelerator import check_mixed_precision
-from ..tuner import DELTA_DTYPES
-from .models import LoadedModel, load_model
+from ..training.strategies import STRATEGIES
+from .defaults import DELTA_DTYPES, DIGITS, LR_MODES, MIXED_PRECISION, SOURCE_MODEL, TRAINING
 from .options import MODEL_HELP, add_cache_dir_option, add_dataset_options, add_target_options
 from .privacy import (
     add_privacy_arguments,
@@ -51,12 +36,17 @@ from .privacy import (
     privacy_arguments,
     public_dataset,
 )
-from .target import load_target, resolve_shift
+
+if TYPE_CHECKING:  # the parser needs none of these: they are imported where they run (`--help` stays fast)
+    from accelerate import PartialState
+
+    from ..training import FineTuneArguments
+    from .models import LoadedModel
 
 __all__ = ["add_training_arguments", "fine_tune_arguments", "print_summary", "run_training", "training_option_names"]
 
 _DEFAULT_TRAIN_N = 200
-_DEFAULTS = FineTuneArguments()
+_DEFAULTS = TRAINING
 # Settings that may change between a run and its resumption; any other change makes a checkpoint unusable.
 _RESUMABLE = ("epochs", "lp_epochs", "output_dir", "push_to_hub", "hub_model_id", "progress", "cache_dir")
 _RUN_FILE = "run_args.json"
@@ -96,7 +86,7 @@ def _add_fine_tuning_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"block to tune, repeatable; 'all' for full fine-tuning, 'auto' to pick one by Auto-RGN "
         f"(default: {' '.join(_DEFAULTS.blocks)})",
     )
-    strategies = "; ".join(f"{name}: {STRATEGIES.get(name).description}" for name in STRATEGIES.names)
+    strategies = "; ".join(f"{name}: {STRATEGIES.literal(name, 'description')}" for name in STRATEGIES.names)
     train.add_argument(
         "--strategy", choices=STRATEGIES.names, default=_DEFAULTS.strategy, help=f"{strategies} (default: %(default)s)"
     )
@@ -192,6 +182,8 @@ def fine_tune_arguments(args: argparse.Namespace) -> FineTuneArguments:
         >>> fine_tune_arguments(args).strategy
         'full'
     """
+    from ..training import FineTuneArguments
+
     return FineTuneArguments(
         strategy=args.strategy,
         blocks=args.blocks or list(_DEFAULTS.blocks),
@@ -214,6 +206,8 @@ def fine_tune_arguments(args: argparse.Namespace) -> FineTuneArguments:
 
 
 def _check_blocks(model: Any, blocks: list[str]) -> None:
+    from ..blocks import SPECIAL, list_blocks
+
     list_blocks(model).target_modules([block for block in blocks if block not in SPECIAL])
 
 
@@ -257,12 +251,19 @@ def _process_state() -> PartialState:
     Processes that `accelerate launch` or `torchrun` start on a machine without an accelerator form a CPU (gloo)
     group here even without `ACCELERATE_USE_CPU=1`; otherwise each of them would train alone and write the same files.
     """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not has_accelerator)
 
 
 def _quiet(state: PartialState, progress: bool) -> None:
     """Progress bars of `datasets` and `transformers` on the main process only (and not at all without progress)."""
+    import datasets
+    import transformers
+
     if not (progress and state.is_main_process):
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
@@ -274,6 +275,8 @@ def _output_dir(args: argparse.Namespace, fine_tune_args: FineTuneArguments) -> 
     if not existing.is_dir():
         raise InputError(f"--output-dir {output_dir}: {existing} is a file, not a directory. Pass a directory.")
     if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
         try:
             validate_repo_id(args.hub_model_id or output_dir.name)
         except HFValidationError as error:
@@ -285,6 +288,8 @@ def _load_checked_model(
     args: argparse.Namespace, label_names: list[str], blocks: list[str], state: Any
 ) -> LoadedModel:
     """The model, its blocks checked first (for the built-in model, before pretraining it)."""
+    from .models import load_model
+
     if args.model is None:
         _check_blocks(load_model(SOURCE_MODEL, pretrained=False).model, blocks)
     loaded = load_model(
@@ -301,6 +306,10 @@ def _load_checked_model(
 
 
 def _prepare(args: argparse.Namespace, state: PartialState) -> _Run:
+    from ..blocks import HEAD
+    from ..training.accelerator import check_mixed_precision
+    from .target import load_target, resolve_shift
+
     _quiet(state, args.progress)
     resolve_shift(args)
     fine_tune_args = fine_tune_arguments(args)
@@ -351,6 +360,12 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         summary = run_training(parser.parse_args(["--block", "stage1", "--epochs", "5"]))
         print(summary["metrics"]["eval_accuracy"])
     """
+    import safetensors.torch
+    from peft import get_peft_model_state_dict
+
+    from ..hub import push_adapter, render_model_card, save_adapter_with_card
+    from ..training import fine_tune
+
     state = _process_state()
     run = _prepare(args, state)
     if state.is_main_process:
@@ -400,6 +415,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 def print_summary(summary: dict[str, Any]) -> None:
     """Print a run's final metrics, where its adapter is and, after a push, the Hub commit's URL (on the main process
     only)."""
+    from accelerate import PartialState
+
     if PartialState().is_main_process:
         metrics = ", ".join(f"{name} {value:.4f}" for name, value in summary["metrics"].items())
         print(f"{summary['strategy']} {'+'.join(summary['blocks'])}: {metrics}. Adapter: {summary['adapter_dir']}")

@@ -11,16 +11,19 @@ FSDP or DeepSpeed, with mixed precision and gradient accumulation, as configured
 | `accelerator.py`, `optimizer.py`, `epoch.py`, `evaluation.py`, `checkpoint.py` | the steps of a phase |
 | `metrics/` | the accuracy metric, shipped so that `evaluate` loads it offline |
 
+Its names are imported on first use, so that `surgical_peft.training.strategies` (what the command line's help lists)
+loads without torch.
+
 Example:
     >>> from surgical_peft.training import STRATEGIES, FineTuneArguments
     >>> "lp-ft" in STRATEGIES.names, FineTuneArguments(strategy="lp-ft", blocks=["stage1"]).adapter_blocks()
     (True, ['head', 'stage1'])
 """
 
-from .arguments import LR_MODES, MIXED_PRECISION, FineTuneArguments, FineTuneResult
-from .evaluation import evaluate_accuracy
-from .loop import fine_tune
-from .strategies import STRATEGIES
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "LR_MODES",
@@ -31,3 +34,23 @@ __all__ = [
     "evaluate_accuracy",
     "fine_tune",
 ]
+
+_LAZY = {
+    "LR_MODES": "arguments",
+    "MIXED_PRECISION": "arguments",
+    "STRATEGIES": "strategies",
+    "FineTuneArguments": "arguments",
+    "FineTuneResult": "arguments",
+    "evaluate_accuracy": "evaluation",
+    "fine_tune": "loop",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

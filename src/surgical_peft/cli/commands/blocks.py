@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ...blocks import list_blocks
-from ..models import load_model
 from ..options import MODEL_HELP
 
 __all__ = ["COMMAND"]
@@ -26,6 +24,9 @@ class Blocks:
         parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
 
     def run(self, args: argparse.Namespace) -> None:
+        from ...blocks import list_blocks
+        from ..models import load_model
+
         print(list_blocks(load_model(args.model, pretrained=False).model))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ...experiments.demo import demo
 from ..options import add_cache_dir_option, add_target_options
 
 __all__ = ["COMMAND"]
@@ -26,6 +25,8 @@ class Demo:
         parser.add_argument("--output-dir", default="outputs/demo", help="where demo.png and results.json go")
 
     def run(self, args: argparse.Namespace) -> None:
+        from ...experiments.demo import demo
+
         demo(
             shift=args.shift,
             severity=args.severity,

@@ -6,16 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
 from ...criteria import CRITERIA
 from ...errors import InputError
-from ...selection import rank_blocks
-from ...training import FineTuneArguments
-from ..models import load_model
 from ..options import MODEL_HELP, add_cache_dir_option, add_dataset_options, add_target_options
-from ..target import load_target
 
 __all__ = ["COMMAND"]
 
@@ -67,6 +60,14 @@ class Rank:
         parser.add_argument("--json", metavar="PATH", help="save the scores as JSON here")
 
     def run(self, args: argparse.Namespace) -> None:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from ...selection import rank_blocks
+        from ...training import FineTuneArguments
+        from ..models import load_model
+        from ..target import load_target
+
         target = load_target(args, eval_n=0, use="ranking")
         print(target.message, flush=True)
         loaded = load_model(args.model, shift=args.shift, seed=args.seed, cache_dir=args.cache_dir)
