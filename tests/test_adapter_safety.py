@@ -97,6 +97,30 @@ def test_save_refuses_a_file_and_a_pickle(trained: Callable[..., PeftModel], tmp
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_save_refuses_a_model_without_an_adapter(make_model: Callable[..., nn.Module], tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="ResNetForImageClassification is not a PeftModel"):
+        save_adapter(make_model("resnet-basic"), tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_save_refuses_a_directory_of_yours_in_place_of_its_files(
+    trained: Callable[..., PeftModel], tmp_path: Path
+) -> None:
+    model = trained()
+    save_adapter(model, tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in (WEIGHTS, CONFIG)}
+    (tmp_path / "README.md").unlink()
+    (tmp_path / "README.md").mkdir()  # the user's own directory, where the card would go
+    (tmp_path / "README.md" / "notes.txt").write_text("mine")
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)  # a save that would change the weights
+    with pytest.raises(InputError, match=r"README\.md is a directory of yours in the way\. Nothing was written"):
+        save_adapter(model, tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in (WEIGHTS, CONFIG)} == before
+    assert (tmp_path / "README.md" / "notes.txt").read_text() == "mine"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(ADAPTER_FILES)  # no staging left
+
+
 def test_write_extra_files_are_moved_into_place(trained: Callable[..., PeftModel], tmp_path: Path) -> None:
     save_adapter(trained(), tmp_path, write_extra=lambda staging: (staging / "README.md").write_text("my card"))
     assert (tmp_path / "README.md").read_text() == "my card"
@@ -279,6 +303,7 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
     "a broken .bin": (_only_a_pickle, "adapter_model.bin is not a valid tensors-only PyTorch file"),
     "a non-finite file": (lambda d: rewrite_weights(d, _first_float(lambda t: t * float("nan"))), "NaN or inf"),
     "a wrong shape": (lambda d: rewrite_weights(d, _first_float(lambda t: t.flatten()[:3])), "has shape \\(3,\\)"),
+    "every module excluded": (lambda d: edit_config(d, exclude_modules=".*"), "hold no tensors to tune"),
 }
 
 
@@ -379,6 +404,8 @@ TAMPERED: dict[str, tuple[Callable[[Path], None], str]] = {
     "base_fingerprint garbage": (lambda d: edit_config(d, base_fingerprint="garbage"), "base_fingerprint must be"),
     "invalid JSON": (_write('{"peft_type": "SURGICAL",'), "is not a readable JSON file"),
     "a JSON list": (_write("[1, 2]"), "must hold a JSON object .*, not a list"),
+    "nested too deep": (_write("[" * 100_000 + "]" * 100_000), "is not a readable JSON file"),
+    "task_type NOPE": (lambda d: edit_config(d, task_type="NOPE"), "Unknown task_type 'NOPE'. Valid: None, SEQ_CLS"),
 }
 
 

@@ -90,7 +90,12 @@ def test_errors_exit_with_status_2_and_one_line(
     assert "has 2 classes but the model's head predicts 1" in capsys.readouterr().err
     assert main(["rank", str(model_dir), str(image_folder), "--shift", "none", "--train-n", "100"]) == 2
     assert "train_n" in capsys.readouterr().err
-    for bad in (["nonsense"], ["rank", str(model_dir), str(image_folder), "--shift", "fire"], ["blocks"]):
+    assert main(["rank", str(model_dir), str(image_folder), "--seed", "-1"]) == 2
+    assert "seed must be between 0 and 4294967295, got -1." in capsys.readouterr().err
+    assert main(["blocks", str(image_folder / "dark" / "0.png")]) == 2
+    assert "0.png': it is a file, not a directory." in capsys.readouterr().err
+    rank = ["rank", str(model_dir), str(image_folder)]
+    for bad in (["nonsense"], [*rank, "--shift", "fire"], ["blocks"], [*rank, "--image-size", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
         assert exit_info.value.code == 2

@@ -96,6 +96,8 @@ def test_split_target_is_deterministic_stratified_and_checks_sizes(digits: datas
         split_target(digits, 5000)
     with pytest.raises(ValueError, match="at least 1"):
         split_target(digits, 0)
+    with pytest.raises(ValueError, match="it has 1797 examples, so eval_n can be at most 1796"):
+        split_target(digits, 10, eval_n=10**12)  # the largest train_n would be negative
 
 
 @pytest.mark.parametrize("shift", ["contrast", "label-permutation", "spurious", "none"])

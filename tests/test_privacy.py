@@ -84,9 +84,9 @@ def test_the_accountant_agrees_with_opacus(epsilon: float) -> None:
     assert sigma <= opacus_sigma <= 1.05 * sigma  # Opacus's search stops within its epsilon tolerance, from above
 
 
-@pytest.mark.parametrize("epsilon", [0.0, -1.0, math.inf, math.nan])
+@pytest.mark.parametrize("epsilon", [0.0, -1.0, math.inf, math.nan, 1e308])  # 1e308 overflowed the accounting
 def test_a_bad_epsilon_is_refused(epsilon: float) -> None:
-    with pytest.raises(InputError, match="epsilon must be a finite number > 0"):
+    with pytest.raises(InputError, match=r"epsilon must be a number in \(0, 1e\+100\]"):
         PrivacyArguments(epsilon=epsilon)
 
 
@@ -239,8 +239,8 @@ def test_the_command_line_records_the_privacy_spent(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--epsilon", "0"], "epsilon must be a finite number > 0"),
-        (["--epsilon", "inf"], "epsilon must be a finite number > 0"),
+        (["--epsilon", "0"], r"epsilon must be a number in \(0, 1e\+100\]"),
+        (["--epsilon", "inf"], r"epsilon must be a number in \(0, 1e\+100\]"),
         (["--epsilon", "1", "--delta", "0.05"], r"delta must be in \(0, 1/n\) = \(0, 0.03333\) for n = 30 private"),
         (["--epsilon", "1", "--delta", "1"], r"delta must be in \(0, 1\)"),
         (["--epsilon", "1", "--pca-dim", "17"], "pca_dim must be between 1 and 16"),

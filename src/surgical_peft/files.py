@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import InputError
+
 __all__ = ["fsync", "move_into_place", "staged_directory", "staging_inside"]
 
 _STAGING_PREFIX = ".surgical-staging-"
@@ -115,13 +117,30 @@ def fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def _check_free(directory: Path, names: list[str]) -> None:
+    """An `InputError` before anything moves if a name to write is held by something a file cannot replace: a
+    directory at its path, or a file where one of its parent directories must be."""
+    for name in names:
+        destination = directory / name
+        blocked = [destination] if destination.is_dir() else []
+        blocked += [parent for parent in destination.parents if parent.is_relative_to(directory) and parent.is_file()]
+        if blocked:
+            kind = "a directory" if blocked[0].is_dir() else "a file"
+            raise InputError(
+                f"Cannot write {destination}: {blocked[0]} is {kind} of yours in the way. Nothing was written; move "
+                "it or choose another directory."
+            )
+
+
 def move_into_place(directory: Path, moves: list[tuple[Path, str]]) -> None:
     """Rename each staged file `(source, relative name)` over `directory / name`, in the order given: each file is
     fsynced before its rename and its directory after it, so that a crash leaves every name either old or new.
-    Concurrent writers into one directory take turns (a lock on the directory), so their renames never interleave."""
+    Concurrent writers into one directory take turns (a lock on the directory), so their renames never interleave.
+    A name held by a directory, or under a file, is refused before anything moves."""
     lock = os.open(directory, os.O_RDONLY)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _check_free(directory, [name for _, name in moves])
         for source, name in moves:
             destination = directory / name
             destination.parent.mkdir(parents=True, exist_ok=True)

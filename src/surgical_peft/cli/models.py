@@ -66,7 +66,8 @@ def _demo_model_path(shift: str, seed: int, cache_dir: str | None, state: Any, p
 def _check_loadable(name: str) -> Any:
     looks_local = Path(name).is_absolute() or name.startswith((".", "~"))
     if looks_local and not Path(name).expanduser().is_dir():
-        raise InputError(f"Cannot load model {name!r}: there is no such directory. {_HINT}")
+        problem = "it is a file, not a directory" if Path(name).expanduser().exists() else "there is no such directory"
+        raise InputError(f"Cannot load model {name!r}: {problem}. {_HINT}")
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from typing import Any
 
 from .defaults import DEFAULT_SHIFT, SEVERITIES, SHIFTS, SOURCE_MODEL
@@ -23,6 +25,22 @@ MODEL_HELP = (
     "a Hub model id (read from the local cache when offline), a local directory saved with save_pretrained, "
     f"or the built-in {SOURCE_MODEL} (the demo's small ResNet for 32x32 digits)"
 )
+
+
+def whole_number(low: int) -> Callable[[str], int]:
+    """An `argparse` type: a whole number of at least `low`, or a message saying so.
+
+    Example:
+        >>> whole_number(1)("3")
+        3
+    """
+
+    def parse(value: str) -> int:
+        if not value.strip().lstrip("+-").isdigit() or int(value) < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {low}, got {value!r}")
+        return int(value)
+
+    return parse
 
 
 def add_target_options(

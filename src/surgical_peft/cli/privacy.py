@@ -44,7 +44,7 @@ _OPTIONS = {"epsilon": "--epsilon", "feature_norm": "--feature-norm", "pca_dim":
 def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of `--strategy dp-linear-probe` to `parser`."""
     group = parser.add_argument_group("differential privacy (--strategy dp-linear-probe, dp-surgical)")
-    group.add_argument("--epsilon", type=float, help="privacy budget epsilon, finite and > 0 (required)")
+    group.add_argument("--epsilon", type=float, help="privacy budget epsilon, in (0, 1e100] (required)")
     group.add_argument(
         "--delta",
         type=float,
@@ -106,7 +106,7 @@ def privacy_arguments(args: argparse.Namespace) -> PrivacyArguments | None:
     if not _privacy_fields(args.strategy):
         return None
     if args.epsilon is None:
-        raise InputError(f"--strategy {args.strategy} needs --epsilon, the privacy budget (a finite number > 0).")
+        raise InputError(f"--strategy {args.strategy} needs --epsilon, the privacy budget (a number in (0, 1e100]).")
     if args.pca_dim is not None and args.public_dataset is None and args.dataset != DIGITS:
         raise InputError(
             f"--pca-dim needs public data to fit the basis on: pass --public-dataset (only the built-in {DIGITS!r} "

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputError
 from ..training.strategies import STRATEGIES
 from .defaults import DELTA_DTYPES, DIGITS, LR_MODES, MIXED_PRECISION, SOURCE_MODEL, TRAINING
-from .options import MODEL_HELP, add_cache_dir_option, add_dataset_options, add_target_options
+from .options import MODEL_HELP, add_cache_dir_option, add_dataset_options, add_target_options, whole_number
 from .privacy import (
     add_privacy_arguments,
     card_rows,
@@ -52,13 +52,6 @@ _RESUMABLE = ("epochs", "lp_epochs", "output_dir", "push_to_hub", "hub_model_id"
 _RUN_FILE = "run_args.json"
 
 
-def _at_least_one(value: str) -> int:
-    """An `argparse` type: a whole number of at least 1."""
-    if not value.strip().lstrip("+-").isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
-    return int(value)
-
-
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("model and data")
     data.add_argument("--model", help=f"{MODEL_HELP} (default: {SOURCE_MODEL}, pretrained on the source half)")
@@ -71,7 +64,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataset_options(data)
     add_target_options(data, train_n=_DEFAULT_TRAIN_N, shift=None, severity=None)
     data.add_argument(
-        "--eval-n", type=_at_least_one, help="target evaluation images (default: the rest of the target)"
+        "--eval-n", type=whole_number(1), help="target evaluation images (default: the rest of the target)"
     )
     add_cache_dir_option(data)
 
@@ -222,7 +215,13 @@ def _check_resumable(output_dir: Path, args: argparse.Namespace) -> dict[str, An
     settings = {key: value for key, value in sorted(vars(args).items()) if key in names}
     recorded = output_dir / _RUN_FILE
     if recorded.is_file() and (output_dir / "checkpoints").is_dir():
-        previous = json.loads(recorded.read_text())
+        try:
+            previous = json.loads(recorded.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(
+                f"{recorded}, the settings of the run whose checkpoints are in {output_dir}, is damaged ({error}): "
+                "pass another --output-dir, or delete that one to start over."
+            ) from error
         changed = sorted(key for key in settings.keys() | previous.keys() if settings.get(key) != previous.get(key))
         if changed:
             raise InputError(

@@ -254,9 +254,14 @@ def split_target(
     kept = 1 if eval_n is None else eval_n  # the examples evaluation needs at least
     if train_n + kept > dataset.num_rows:
         evaluation = f" (plus eval_n={kept} for evaluation)" if kept else ""
+        most = (
+            f"train_n can be at most {dataset.num_rows - kept}"
+            if dataset.num_rows > kept
+            else f"eval_n can be at most {dataset.num_rows - 1}"
+        )
         raise InputError(
             f"train_n={train_n}{evaluation} is larger than the target data: it has {dataset.num_rows} examples, so "
-            f"train_n can be at most {dataset.num_rows - kept}."
+            f"{most}."
         )
     rest = dataset.num_rows - train_n
     eval_n = rest if eval_n is None else eval_n

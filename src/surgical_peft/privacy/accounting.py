@@ -31,10 +31,13 @@ ACCOUNTANT = "gdp"
 _BISECTIONS = 200
 
 
+_MAX_EPSILON = 1e100  # far beyond any meaningful budget; near float's range the accounting overflows
+
+
 def check_epsilon(epsilon: float) -> float:
-    """`epsilon`, if it is a finite positive number; an `InputError` naming the valid range otherwise."""
-    if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):
-        raise InputError(f"epsilon must be a finite number > 0, got {epsilon!r}.")
+    """`epsilon`, if it is a number in (0, 1e100]; an `InputError` naming the valid range otherwise."""
+    if not (isinstance(epsilon, int | float) and 0 < epsilon <= _MAX_EPSILON):
+        raise InputError(f"epsilon must be a number in (0, {_MAX_EPSILON:g}], got {epsilon!r}.")
     return float(epsilon)
 
 

@@ -6,7 +6,7 @@ Example:
     >>> PrivacyArguments(epsilon=0.0)
     Traceback (most recent call last):
     ...
-    surgical_peft.errors.InputError: epsilon must be a finite number > 0, got 0.0.
+    surgical_peft.errors.InputError: epsilon must be a number in (0, 1e+100], got 0.0.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class PrivacyArguments:
     """How to train a private linear probe (`strategy="dp-linear-probe"`).
 
     Args:
-        epsilon: the privacy budget, finite and > 0; the run spends at most this much.
+        epsilon: the privacy budget, in (0, 1e100]; the run spends at most this much.
         delta: the budget's delta, in (0, 1) and below 1 / (number of private examples).
         feature_norm: L2-normalise the head's input features (the probe then has no bias; see
             `surgical_peft.privacy.transform`).

@@ -30,9 +30,10 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from ..errors import InputError
 from ..files import fsync, move_into_place
 
-__all__ = ["Progress", "latest_checkpoint", "save_checkpoint"]
+__all__ = ["Progress", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 _PROGRESS_FILE = "progress.json"
 _NAME = re.compile(r"checkpoint_(\d+)")
@@ -67,8 +68,30 @@ def latest_checkpoint(output_dir: str | os.PathLike[str] | None) -> tuple[Path, 
         return None
     for checkpoint in reversed(_checkpoints(output_dir)):
         if (checkpoint / _PROGRESS_FILE).is_file():  # written last: a checkpoint without it is incomplete
-            return checkpoint, Progress(**json.loads((checkpoint / _PROGRESS_FILE).read_text()))
+            try:
+                return checkpoint, Progress(**json.loads((checkpoint / _PROGRESS_FILE).read_text()))
+            except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as error:  # (TypeError: other fields)
+                raise _damaged(checkpoint, error) from error
     return None
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    """Restore model, optimizer and RNG states from a complete checkpoint (Accelerate's `load_state`).
+
+    Raises:
+        InputError: if a file of the checkpoint cannot be read back (damaged since it was written), naming it.
+    """
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # safetensors, torch and pickle raise many types on a damaged file
+        raise _damaged(checkpoint, error) from error
+
+
+def _damaged(checkpoint: Path, error: Exception) -> InputError:
+    return InputError(
+        f"The checkpoint {checkpoint} cannot be read back ({type(error).__name__}: {error}): it was damaged after it "
+        "was written. Delete it and rerun: the run then resumes from an earlier complete checkpoint, or starts over."
+    )
 
 
 def _mark_complete(checkpoint: Path, progress: Progress) -> None:

@@ -46,7 +46,7 @@ from ..selection import select_blocks
 from ..tuner import SurgicalConfig, quiet_get_peft_model
 from .accelerator import make_accelerator, set_unused_parameter_search
 from .arguments import FineTuneArguments, FineTuneResult
-from .checkpoint import Progress, latest_checkpoint, save_checkpoint
+from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from .epoch import train_epoch
 from .evaluation import evaluate_accuracy
 from .optimizer import block_depths, make_optimizer, scale_learning_rates_by_rgn
@@ -176,7 +176,7 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
     model, optimizer, loader = accelerator.prepare(run.model, optimizer, run.train_loader)
     eval_loader = accelerator.prepare(run.eval_loader) if run.eval_loader is not None else None
     if run.resume_from is not None and run.progress.phase == index:
-        accelerator.load_state(str(run.resume_from))  # model, optimizer and RNG states as they were
+        load_checkpoint(accelerator, run.resume_from)  # model, optimizer and RNG states as they were
         run.resume_from = None
     run.progress.epochs_done += [0] * (index + 1 - len(run.progress.epochs_done))
     cache = _feature_cache(run, model, phase)

@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType, TaskType
 
 from ..blocks.names import AUTO
 from ..blocks.paths import is_under
@@ -207,7 +207,7 @@ def _weights_file(path: Path, subfolder: str | None, kwargs: Mapping[str, Any]) 
 def _json_object(path: Path) -> dict[str, Any]:
     try:
         values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # (nested too deep)
         raise InputError(f"{path} is not a readable JSON file: {error}") from error
     if not isinstance(values, dict):
         raise InputError(f"{path} must hold a JSON object (a PEFT config), not a {type(values).__name__}.")
@@ -269,6 +269,9 @@ def check_fields(values: Mapping[str, Any]) -> None:
     top_k = values.get("auto_top_k", 1)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InputError(f"auto_top_k must be an int of at least 1, got {top_k!r}.")
+    task_type = values.get("task_type")
+    if task_type is not None and task_type not in TaskType.__members__:
+        raise InputError(f"Unknown task_type {task_type!r:.100}. Valid: None, {', '.join(TaskType.__members__)}.")
     if not isinstance(values.get("init_weights", True), bool):
         raise InputError(f"init_weights must be True or False, got {values['init_weights']!r}.")
     if not isinstance(values.get("verify_base", True), bool):

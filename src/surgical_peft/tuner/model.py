@@ -81,12 +81,7 @@ class SurgicalModel(BaseTuner):
         current = self._fingerprint(model, blocks, config)
         saved = config.base_fingerprint is not None or config.saved_modules is not None  # weights to come from a file
         if saved and config.verify_base:  # first: another model has other blocks
-            if config.base_fingerprint is None:
-                raise InputError(
-                    "This adapter's config records no base_fingerprint (was adapter_config.json edited?), so the base "
-                    "it was trained on cannot be checked. To load it anyway, pass `verify_base=False`."
-                )
-            check_fingerprint(config.base_fingerprint, current)
+            self._check_base(config, current)
         self._resolve_blocks(config, blocks)
         self._pending_targets = []
         if not self._requires_grad_before:  # before PEFT's injection, which already switches adapters
@@ -94,37 +89,18 @@ class SurgicalModel(BaseTuner):
         # PEFT's injection calls `set_adapter(active, inference_mode=<the new adapter's>)`, which must not change
         # whether the adapters already there are trainable.
         inference_modes = {name: other.inference_mode for name, other in self.peft_config.items()}
-        owners: list[str] = []
+        self._adapter_modules[adapter_name] = []
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
-            pending = self._pending_targets  # PEFT reports nested matches too; the outermost ones cover the rest
-            if config.blocks:  # exact module paths: PEFT's suffix match of `conv1` would also take `layer1.0.conv1`
-                pending = [path for path in pending if path in config.target_modules]
-            targets = [path for path in pending if not is_under(path, [other for other in pending if other != path])]
-            for target in targets:
-                for name, module in model.get_submodule(target).named_modules(prefix=target):
-                    if is_under(name, config.modules_to_save or []) or not any(True for _ in owned_tensors(module)):
-                        continue
-                    key = to_key(name)
-                    if key not in self.surgical_layers:
-                        self.surgical_layers[key] = SurgicalLayer(module)
-                    self.surgical_layers[key].add_adapter(adapter_name)
-                    owners.append(name)
-            if not owners:
-                raise InputError(
-                    f"The modules matched by target_modules={config.target_modules} hold no tensors to tune."
-                )
+            self._add_layers(model, adapter_name, config)
         except Exception as error:
-            self._adapter_modules[adapter_name] = owners
+            self._restore_inference_modes(inference_modes)  # before `_forget` sets the others' flags again
             self._forget(adapter_name)  # PEFT's injection has already set requires_grad flags: undo everything
             if isinstance(error, NoMatchingPeftModuleError):
                 raise type(error)(f"{error}\nThe model's blocks, for reference:\n{blocks}") from error
             raise
-        finally:
-            for name, mode in inference_modes.items():
-                if name in self.peft_config:
-                    self.peft_config[name].inference_mode = mode
-        self._adapter_modules[adapter_name] = owners
+        self._restore_inference_modes(inference_modes)
+        owners = self._adapter_modules[adapter_name]
         if saved:
             self._awaiting_weights.add(adapter_name)
         elif not config.init_weights:  # a new adapter (a loaded one gets its saved deltas instead)
@@ -132,6 +108,40 @@ class SurgicalModel(BaseTuner):
                 self._layer(path).init_random(adapter_name)
         config.base_fingerprint = config.base_fingerprint or current
         self._activate(self.active_adapters)
+
+    @staticmethod
+    def _check_base(config: SurgicalConfig, current: dict[str, Any]) -> None:
+        """An `InputError` unless the base fingerprint the adapter records matches the model's (`current`)."""
+        if config.base_fingerprint is None:
+            raise InputError(
+                "This adapter's config records no base_fingerprint (was adapter_config.json edited?), so the base "
+                "it was trained on cannot be checked. To load it anyway, pass `verify_base=False`."
+            )
+        check_fingerprint(config.base_fingerprint, current)
+
+    def _add_layers(self, model: nn.Module, adapter_name: str, config: SurgicalConfig) -> None:
+        """Give every module with tensors under the targets PEFT matched a layer, and record them as the adapter's."""
+        pending = self._pending_targets  # PEFT reports nested matches too; the outermost ones cover the rest
+        if config.blocks:  # exact module paths: PEFT's suffix match of `conv1` would also take `layer1.0.conv1`
+            pending = [path for path in pending if path in config.target_modules]
+        targets = [path for path in pending if not is_under(path, [other for other in pending if other != path])]
+        owners = self._adapter_modules[adapter_name]
+        for target in targets:
+            for name, module in model.get_submodule(target).named_modules(prefix=target):
+                if is_under(name, config.modules_to_save or []) or not any(True for _ in owned_tensors(module)):
+                    continue
+                key = to_key(name)
+                if key not in self.surgical_layers:
+                    self.surgical_layers[key] = SurgicalLayer(module)
+                self.surgical_layers[key].add_adapter(adapter_name)
+                owners.append(name)
+        if not owners:
+            raise InputError(f"The modules matched by target_modules={config.target_modules} hold no tensors to tune.")
+
+    def _restore_inference_modes(self, modes: dict[str, bool]) -> None:
+        for name, mode in modes.items():
+            if name in self.peft_config:
+                self.peft_config[name].inference_mode = mode
 
     def _resolve_blocks(self, config: SurgicalConfig, blocks: BlockMap) -> None:
         if not config.blocks and config.target_modules is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
@@ -194,6 +195,11 @@ def save_adapter(
         >>> sorted(p.name for p in path.iterdir())
         ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
     """
+    if not isinstance(model, PeftModel):
+        raise InputError(
+            f"save_adapter saves a PEFT adapter, and {type(model).__name__} is not a PeftModel: make one with "
+            "peft.get_peft_model(model, SurgicalConfig(...)), or save a whole model with its own save_pretrained."
+        )
     target = Path(save_directory)
     if target.exists() and not target.is_dir():
         raise InputError(f"Cannot save an adapter to {target}: it exists and is not a directory.")

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...criteria import CRITERIA
 from ...errors import InputError
-from ..options import MODEL_HELP, add_cache_dir_option, add_dataset_options, add_target_options
+from ..options import MODEL_HELP, add_cache_dir_option, add_dataset_options, add_target_options, whole_number
+
+if TYPE_CHECKING:
+    from ...ranking import BlockRanking
 
 __all__ = ["COMMAND"]
 
@@ -47,7 +51,7 @@ class Rank:
         add_cache_dir_option(parser)
         parser.add_argument("--num-batches", type=int, default=4, help="batches rgn and snr average over")
         parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
-        parser.add_argument("--image-size", type=int, help="image side in pixels (default: the model's)")
+        parser.add_argument("--image-size", type=whole_number(1), help="image side in pixels (default: the model's)")
         parser.add_argument("--epochs", type=int, default=3, help="sweep, greedy: epochs of fine-tuning per candidate")
         parser.add_argument("--learning-rate", type=float, default=1e-3, help="sweep, greedy: learning rate")
         parser.add_argument(
@@ -68,6 +72,10 @@ class Rank:
         from ..models import load_model
         from ..target import load_target
 
+        # Checked first (epochs, learning rate, batch size, seed), before any data or model is loaded.
+        sweep = FineTuneArguments(
+            epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=args.seed
+        )
         target = load_target(args, eval_n=0, use="ranking")
         print(target.message, flush=True)
         loaded = load_model(args.model, shift=args.shift, seed=args.seed, cache_dir=args.cache_dir)
@@ -83,7 +91,6 @@ class Rank:
             shuffle=True,
             generator=torch.Generator().manual_seed(args.seed),
         )
-        sweep = FineTuneArguments(epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size)
         ranking = rank_blocks(
             loaded.model,
             loader,
@@ -93,16 +100,21 @@ class Rank:
             seed=args.seed,
             greedy_threshold=args.greedy_threshold,
         )
-        print(ranking)
-        if ranking.chosen:
-            print(f"chosen blocks: {', '.join(ranking.chosen)}")
-        else:
-            print(f"best block: {ranking.best(1)[0]}")
-        if args.plot:
-            print(f"plot: {ranking.plot(args.plot)}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(ranking.to_dict(), indent=1))
-            print(f"scores: {args.json}")
+        _report(ranking, args)
+
+
+def _report(ranking: BlockRanking, args: argparse.Namespace) -> None:
+    """Print the ranking and its choice; write the plot and the JSON where asked."""
+    print(ranking)
+    if ranking.chosen:
+        print(f"chosen blocks: {', '.join(ranking.chosen)}")
+    else:
+        print(f"best block: {ranking.best(1)[0]}")
+    if args.plot:
+        print(f"plot: {ranking.plot(args.plot)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(ranking.to_dict(), indent=1))
+        print(f"scores: {args.json}")
 
 
 COMMAND = Rank()
