@@ -281,16 +281,30 @@ def split_source_target(dataset: datasets.Dataset, shift: str = "none", *, seed:
     return datasets.DatasetDict(source=halves["train"], target=halves["test"])
 
 
+def _check_unlabeled_n(unlabeled_n: int, rows: int, train_n: int, eval_n: int | None) -> None:
+    """An `InputError` unless `unlabeled_n` target images remain after the labelled and the eval images."""
+    held = train_n + max(eval_n or 1, 1)  # the eval split needs at least one image
+    if unlabeled_n < 0 or held + unlabeled_n > rows:
+        raise InputError(
+            f"unlabeled_n={unlabeled_n} must be between 0 and what remains of the target data after the labelled "
+            f"split and the eval images: the target has {rows} images, train_n={train_n} and "
+            f"eval_n={eval_n if eval_n is not None else 'at least 1'}, so unlabeled_n can be at most "
+            f"{max(rows - held, 0)}."
+        )
+
+
 def make_target(
     dataset: datasets.Dataset,
     shift: str,
     *,
     train_n: int,
     eval_n: int | None = None,
+    unlabeled_n: int = 0,
     severity: int = 5,
     seed: int = 0,
 ) -> datasets.DatasetDict:
-    """The experiment's splits: a `source` half, and the shifted target half cut into `train` and `eval`.
+    """The experiment's splits: a `source` half, and the shifted target half cut into `train` and `eval` (and, with
+    `unlabeled_n`, an `unlabeled` split of that many more target images, disjoint from both, for self-training).
 
     The source half is clean except under `spurious` (markers correlated with the label) and `subpopulation` (its
     own subpopulations), see `split_source_target`.
@@ -301,11 +315,14 @@ def make_target(
             `"label-permutation"`, `"spurious"`, `"subpopulation"` or `"none"`.
         train_n: size of the small labelled target training set.
         eval_n: size of the target evaluation set; default: the rest of the target half.
+        unlabeled_n: size of the `unlabeled` split, cut from the target half before `eval` (0: none). Its images
+            keep their labels, for scoring pseudo-labels only.
         severity: corruption severity, 1 to 5.
         seed: seeds the halves, the target split and the shift.
 
     Raises:
-        ValueError: for an unknown shift, a severity outside 1-5, or `train_n` larger than the target data.
+        ValueError: for an unknown shift, a severity outside 1-5, or `train_n` (plus `unlabeled_n`) larger than
+            the target data.
 
     Example:
         >>> from surgical_peft.experiments.data import load_digits
@@ -314,7 +331,9 @@ def make_target(
         {'source': 898, 'train': 100, 'eval': 799}
     """
     halves = split_source_target(dataset, shift, seed=seed)
-    target = split_target(halves["target"], train_n, eval_n, seed=seed)
+    _check_unlabeled_n(unlabeled_n, halves["target"].num_rows, train_n, eval_n)
+    target = split_target(halves["target"], train_n + unlabeled_n, eval_n, seed=seed)
+    labelled = split_target(target["train"], train_n, unlabeled_n, seed=seed) if unlabeled_n else None
 
     def shifted(split: datasets.Dataset, index: int) -> datasets.Dataset:
         if shift in shifts.CORRUPTIONS:
@@ -323,8 +342,15 @@ def make_target(
             return shifts.permute_labels(split, seed=seed)
         return split  # spurious and subpopulation targets are shifted already; "none" is not
 
+    if labelled is None:
+        return datasets.DatasetDict(
+            source=halves["source"], train=shifted(target["train"], 0), eval=shifted(target["eval"], 1)
+        )
     return datasets.DatasetDict(
-        source=halves["source"], train=shifted(target["train"], 0), eval=shifted(target["eval"], 1)
+        source=halves["source"],
+        train=shifted(labelled["train"], 0),
+        eval=shifted(target["eval"], 1),
+        unlabeled=shifted(labelled["eval"], 2),
     )
 
 

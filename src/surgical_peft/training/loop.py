@@ -53,7 +53,7 @@ from .optimizer import block_depths, make_optimizer, scale_learning_rates_by_rgn
 from .strategies import STRATEGIES
 from .strategies._base import Phase
 
-__all__ = ["epoch_seed", "fine_tune"]
+__all__ = ["adapter_config", "epoch_seed", "fine_tune"]
 
 Examples = Dataset | Sequence[dict[str, Any]]
 
@@ -98,14 +98,23 @@ def _resolve_auto(
     return replace(args, blocks=config.blocks)
 
 
+def adapter_config(args: FineTuneArguments) -> SurgicalConfig:
+    """The config of a new adapter for `args`: every block the strategy trains.
+
+    Example:
+        >>> adapter_config(FineTuneArguments(strategy="lp-ft", blocks=["stage1"])).block
+        ['head', 'stage1']
+    """
+    return SurgicalConfig(
+        block=args.adapter_blocks(), modules_to_save=args.modules_to_save, delta_dtype=args.delta_dtype
+    )
+
+
 def _surgical_model(model: nn.Module, args: FineTuneArguments) -> PeftModel:
     """`model` if it is a `PeftModel` already, else with an adapter holding every block the strategy trains."""
     if isinstance(model, PeftModel):
         return model
-    config = SurgicalConfig(
-        block=args.adapter_blocks(), modules_to_save=args.modules_to_save, delta_dtype=args.delta_dtype
-    )
-    return quiet_get_peft_model(model, config)
+    return quiet_get_peft_model(model, adapter_config(args))
 
 
 def _start(
