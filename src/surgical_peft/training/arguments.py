@@ -128,6 +128,11 @@ class FineTuneArguments:
         self._check_numbers()
         if self.lr_decay != 1 and self.lr_mode == "rgn":
             raise InputError("lr_decay and lr_mode='rgn' both set per-tensor learning rates: choose one.")
+        if self.switch_every is not None and self.strategy != "alternate":
+            raise InputError(
+                f"switch_every={self.switch_every} switches the blocks of strategy='alternate'; it does not apply to "
+                f"strategy={self.strategy!r}."
+            )
         self.phases()  # a strategy checks what it needs (e.g. alternate: several blocks)
 
     def _check_numbers(self) -> None:
