@@ -631,16 +631,23 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- main
 def _run_jobs(
-    pool: ProcessPoolExecutor, function: Any, jobs: Sequence[tuple[Any, ...]], bar: tqdm, describe: Any
+    pool: ProcessPoolExecutor,
+    function: Any,
+    jobs: Sequence[tuple[Any, ...]],
+    bar: tqdm,
+    describe: Any,
+    done: Any = None,
 ) -> list[Any]:
-    """`function(*job)` for every job on the pool, logging `describe(job, result)` as each one ends; results in the
-    order of `jobs`."""
+    """`function(*job)` for every job on the pool, logging `describe(job, result)` as each one ends and passing the
+    results so far to `done` (if given); results in the order of `jobs`."""
     futures = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
     results: list[Any] = [None] * len(jobs)
     for future in as_completed(futures):
         index = futures[future]
         results[index] = future.result()
         log.info(describe(jobs[index], results[index]))
+        if done is not None:
+            done([result for result in results if result is not None])
         bar.update()
     return results
 
@@ -707,6 +714,11 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _save_partial(cells: list[dict[str, Any]], path: Path) -> None:
+    """Write the cells done so far (the raw rows of `run_cell`) to `path`."""
+    path.write_text(json.dumps(cells, indent=1))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer shifts, seeds, rates and epochs")
@@ -761,7 +773,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar,
             lambda job, seconds: f"source model for {job[0]}, seed {job[1]}: {seconds:.0f} s",
         )
-        cells = _run_jobs(pool, run_cell, cells_to_run, bar, _describe_cell)
+        partial = stem.with_name(f"{stem.name}-partial.json")  # the cells done so far, in case the run is cut short
+        cells = _run_jobs(pool, run_cell, cells_to_run, bar, _describe_cell, lambda done: _save_partial(done, partial))
+        partial.unlink(missing_ok=True)
         bar.close()
     seconds = time.perf_counter() - start
     results = {"command": command, "jobs": args.jobs, "seconds": seconds, "settings": asdict(settings), "cells": cells}
