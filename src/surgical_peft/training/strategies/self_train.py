@@ -133,9 +133,8 @@ class SelfTrain:
             record["teacher_eval_accuracy"] = teacher_accuracy
         truth = [args.unlabeled_dataset[i].get("labels") for i in kept]
         if kept and None not in truth:  # scored only: the examples above hold the pseudo-labels alone
-            record["pseudo_label_accuracy"] = sum(int(labels[i]) == t for i, t in zip(kept, truth, strict=True)) / len(
-                kept
-            )
+            right = [int(labels[i]) == label for i, label in zip(kept, truth, strict=True)]
+            record["pseudo_label_accuracy"] = sum(right) / len(right)
         return examples, record
 
     def run(
