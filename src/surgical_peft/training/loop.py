@@ -1,8 +1,10 @@
 """`fine_tune`: the training loop, on Accelerate, one phase after another as the strategy says.
 
-Each phase (see `surgical_peft.training.strategies`) gets its own optimizer and DDP wrapper, runs its epochs
-(`epoch.train_epoch`), evaluates after each one and checkpoints it (`checkpoint`); a rerun with the same `output_dir`
-resumes from the latest checkpoint. Only the main process shows progress bars and writes files.
+Each phase (see `surgical_peft.training.strategies`) gets its own DDP wrapper (consecutive phases at one learning
+rate share one optimizer over every tensor of the adapter, so a block's AdamW state carries on across them), runs its
+epochs (`epoch.train_epoch`; a phase with `switch_every` switches its trained block within them), evaluates after each
+one and checkpoints it (`checkpoint`); a rerun with the same `output_dir` resumes from the latest checkpoint. Only the
+main process shows progress bars and writes files.
 
 A resumed run is bit-identical to the uninterrupted one: the checkpoint holds the model, optimizer and RNG states;
 the data order of an epoch depends only on the seed, the phase and the epoch (`epoch_seed`), not on what ran in this
