@@ -145,3 +145,18 @@ def test_unlabeled_n_without_self_training_exits_2(model_dir: str, tmp_path: Pat
     argv = ["train", "--model", model_dir, "--block", "stage2", *TINY, "--output-dir", str(tmp_path / "run")]
     assert main([*argv, "--unlabeled-n", "10"]) == 2
     assert "--unlabeled-n 10 applies to --strategy self-train only, not 'surgical'" in capsys.readouterr().err
+
+
+def test_a_self_training_rerun_starts_over(model_dir: str, tmp_path: Path) -> None:
+    """Nothing is checkpointed (the pseudo-labels depend on every epoch of the ensemble): a rerun with more epochs
+    gives the run that had them from the start."""
+    argv = ["train", "--model", model_dir, "--block", "stage2", *TINY, "--strategy", "self-train"]
+    argv += ["--unlabeled-n", "20", "--ensemble-size", "2", "--pseudo-label-threshold", "1"]
+    rerun, fresh = tmp_path / "rerun", tmp_path / "fresh"
+    assert main([*argv, "--output-dir", str(rerun)]) == 0
+    assert not (rerun / "checkpoints").exists()
+    assert main([*argv, "--output-dir", str(rerun), "--epochs", "2"]) == 0
+    assert main([*argv, "--output-dir", str(fresh), "--epochs", "2"]) == 0
+    adapters = [(path / "adapter" / "adapter_model.safetensors").read_bytes() for path in (rerun, fresh)]
+    assert adapters[0] == adapters[1]
+    assert [r["epoch"] for r in json.loads((rerun / "metrics.json").read_text())["history"] if "epoch" in r] == [1, 2]

@@ -104,7 +104,7 @@ class SelfTrain:
             model.add_adapter(name, adapter_config(args))
             model.set_adapter(name)
             seed = (args.seed + index) % _MAX_SEED
-            member_args = replace(args, seed=seed, output_dir=None)
+            member_args = replace(args, seed=seed)
             result = fine_tune(model, data, eval_dataset if index == 0 else None, member_args, accelerator=accelerator)
             teacher_accuracy = result.metrics.get("eval_accuracy") if index == 0 else teacher_accuracy
             members.append(_probabilities(model, args.unlabeled_dataset, args.batch_size, accelerator.device))
@@ -145,14 +145,15 @@ class SelfTrain:
         args: FineTuneArguments,
         accelerator: Accelerator,
     ) -> FineTuneResult:
-        """Rounds of teachers and pseudo-labels, then the student in the run's adapter (checkpointed in
-        `output_dir`; the ensembles are retrained, deterministically, on a rerun)."""
+        """Rounds of teachers and pseudo-labels, then the student in the run's adapter. Nothing is checkpointed: the
+        pseudo-labels depend on every epoch of the ensembles (a rerun with more `epochs` would resume a student of
+        other pseudo-labels), so a rerun starts over."""
         if args.unlabeled_dataset is None:
             raise InputError(
                 "strategy='self-train' needs unlabelled target images: unlabeled_dataset=... (on the command line "
                 "--unlabeled-n N)."
             )
-        surgical = replace(args, strategy="surgical")
+        surgical = replace(args, strategy="surgical", output_dir=None)
         student, history, data = model.active_adapter, [], train_dataset
         for round_ in range(1, args.self_train_rounds + 1):
             examples, record = self._round(model, data, eval_dataset, surgical, round_, accelerator)
