@@ -20,6 +20,13 @@ Shifts", section 4) with the demo's small ResNet (embedder, stage1-4, head; 0.3M
   the other 1/4, then the best block's row); PEFT's LoRA on every Conv2d and Linear layer (BatchNorm kept in eval
   mode, as the surgical tuner keeps frozen blocks); PEFT's LN tuning (`LNTuningConfig`) on every BatchNorm layer (it
   accepts BatchNorm2d, with a warning; the tuned layers also update their running statistics);
+  schedules: `alternate` (stage1 and the head, one epoch each in turn, one optimizer), `gradual` unfreezing (the
+  head, then one more block per epoch towards the input), `lr-decay` (full fine-tuning with discriminative learning
+  rates, `lr_decay` per block below the head); `self-train` (the sweep's block as teacher, an ensemble of
+  `ensemble_size` adapters keeping the pseudo-labels whose normalised entropy is at most `pseudo_label_threshold`,
+  the student on the labelled plus the kept images; the unlabelled images are the test images, at most
+  `unlabeled_n`, transductively, their labels only scoring the pseudo-labels); `greedy` (the greedy block subset,
+  chosen on the sweep's split, then tuned);
 - protocol: for every seed, each method trains once per learning rate of `learning_rates` (AdamW, `epochs` epochs,
   batch `batch_size`) and keeps the rate with the best accuracy on the validation split (the first of equals), as in
   the paper; its test accuracy is reported as mean and standard deviation over seeds, which vary the source model,
@@ -31,9 +38,10 @@ Writes `<output-dir>/shifts{,-quick}.{md,csv,png,json,log}`: the report, one CSV
 learning rate, the heatmap, the raw results (from which `--report-only` redraws the rest) and the log.
 
 Usage:
-    python benchmarks/shifts.py                  # the study: 45 min on the shared 2-core machine
-    python benchmarks/shifts.py --quick          # a smoke run of every shift kind and method: about a minute
+    python benchmarks/shifts.py                  # the study: 45 min on the shared 2-core machine (old rows)
+    python benchmarks/shifts.py --quick          # a smoke run of every shift kind and method: a few minutes
     python benchmarks/shifts.py --report-only    # redraw report, CSV and heatmap from shifts.json
+    python benchmarks/shifts.py --methods alternate,gradual --add   # run these rows only, added to shifts.json
 """
 
 from __future__ import annotations
@@ -97,10 +105,21 @@ NONE, FULL, LP_FT, RGN, SNR, SWEEP, LORA, NORM = (
     "LoRA",
     "norm-only",
 )
-TRAINED = (*BLOCKS, FULL, LP_FT, RGN, SNR, LORA, NORM)  # every method that fine-tunes (the sweep reuses a block's run)
-METHODS = (NONE, FULL, LP_FT, *BLOCKS, RGN, SNR, SWEEP, LORA, NORM)  # rows of the table
-SURGICAL = (*BLOCKS, FULL, LP_FT, RGN, SNR)  # methods whose adapter is a SurgicalConfig (saved as deltas)
-LABELS = {"head": "head (linear probe)", LORA: "LoRA r=8, conv+linear", NORM: "norm-only (LN tuning on BN)"}
+ALTERNATE, GRADUAL, LR_DECAY, SELF_TRAIN, GREEDY = "alternate", "gradual", "lr-decay", "self-train", "greedy"
+SCHEDULES = (ALTERNATE, GRADUAL, LR_DECAY, SELF_TRAIN, GREEDY)  # schedules, self-training, greedy subsets
+TRAINED = (*BLOCKS, FULL, LP_FT, RGN, SNR, LORA, NORM, *SCHEDULES)  # every method that fine-tunes (not the sweep)
+METHODS = (NONE, FULL, LP_FT, *BLOCKS, RGN, SNR, SWEEP, LORA, NORM, *SCHEDULES)  # rows of the table
+SURGICAL = (*BLOCKS, FULL, LP_FT, RGN, SNR, *SCHEDULES)  # methods whose adapter is a SurgicalConfig (saved as deltas)
+LABELS = {
+    "head": "head (linear probe)",
+    LORA: "LoRA r=8, conv+linear",
+    NORM: "norm-only (LN tuning on BN)",
+    ALTERNATE: "alternate stage1 / head",
+    GRADUAL: "gradual unfreezing",
+    LR_DECAY: "discriminative lr (full)",
+    SELF_TRAIN: "self-training (sweep's block)",
+    GREEDY: "greedy block subset",
+}
 
 log = logging.getLogger("shifts")
 
@@ -121,6 +140,10 @@ class Settings:
     snr_threshold: float = 0.5
     sweep_epochs: int = 5
     sweep_learning_rate: float = 1e-2
+    lr_decay: float = 0.5
+    unlabeled_n: int = 1000
+    pseudo_label_threshold: float = 0.2
+    ensemble_size: int = 3
     cache_dir: str | None = None
 
 
@@ -133,6 +156,8 @@ QUICK = Settings(
     val_n=20,
     mnist_test_n=200,
     sweep_epochs=1,
+    unlabeled_n=200,
+    ensemble_size=2,
 )
 
 
@@ -191,11 +216,45 @@ def _freeze_batchnorm(model: nn.Module) -> None:
             module.register_forward_pre_hook(_to_eval)
 
 
+@dataclass
+class Context:
+    """What the methods of one shift and seed need beyond the training data: Auto-SNR's tensors, the sweep's block
+    (the self-training teacher's), the greedy subset, and the unlabelled target images of self-training."""
+
+    snr_modules: list[str]
+    sweep_block: str | None
+    greedy_blocks: list[str] | None
+    unlabeled: list[dict[str, Any]]
+
+
+def _prepare_schedule(method: str, args: FineTuneArguments, settings: Settings, context: Context) -> FineTuneArguments:
+    """The arguments of a schedule, self-training or the greedy subset."""
+    if method == ALTERNATE:
+        return replace(args, strategy="alternate", blocks=["stage1", "head"])
+    if method == GRADUAL:  # every block below the head, as far towards the input as the epochs allow
+        below = [block for block in BLOCKS if block != "head"]
+        return replace(args, strategy="gradual", blocks=below[-(args.epochs - 1) :])
+    if method == LR_DECAY:
+        return replace(args, strategy="full", lr_decay=settings.lr_decay)
+    if method == GREEDY:
+        return replace(args, strategy="surgical", blocks=list(context.greedy_blocks or []))
+    return replace(
+        args,
+        strategy="self-train",
+        blocks=[context.sweep_block],
+        unlabeled_dataset=context.unlabeled,
+        pseudo_label_threshold=settings.pseudo_label_threshold,
+        ensemble_size=settings.ensemble_size,
+    )
+
+
 def prepare(
-    method: str, source: nn.Module, args: FineTuneArguments, settings: Settings, snr_modules: list[str]
+    method: str, source: nn.Module, args: FineTuneArguments, settings: Settings, context: Context
 ) -> tuple[nn.Module, FineTuneArguments]:
     """A fresh copy of `source` set up for `method`, and the arguments `fine_tune` trains it with."""
     model = copy.deepcopy(source)
+    if method in SCHEDULES:
+        return model, _prepare_schedule(method, args, settings, context)
     if method in BLOCKS:
         return model, replace(args, strategy="surgical", blocks=[method])
     if method == FULL:
@@ -207,7 +266,7 @@ def prepare(
     if method == RGN:
         return model, replace(args, strategy="full", lr_mode="rgn")
     if method == SNR:
-        config = SurgicalConfig(target_modules=snr_modules, delta_dtype=args.delta_dtype)
+        config = SurgicalConfig(target_modules=context.snr_modules, delta_dtype=args.delta_dtype)
         return get_peft_model(model, config), replace(args, strategy="full")
     if method == LORA:
         layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
@@ -234,8 +293,56 @@ def _bfloat16_accuracy(model: PeftModel, source: nn.Module, test: list[dict[str,
         return _accuracy(PeftModel.from_pretrained(copy.deepcopy(source), directory), test)
 
 
-def run_cell(shift: str, seed: int, settings: Settings) -> dict[str, Any]:
-    """Every method on one shift and seed, each at the learning rate of the grid that does best on validation.
+def _rankings(
+    source: nn.Module, loader: DataLoader, settings: Settings, seed: int, methods: Sequence[str]
+) -> dict[str, Any]:
+    """Auto-RGN's and Auto-SNR's rankings (a second), and the sweep's and the greedy subset's when a method needs
+    them."""
+    rankings = {criterion: rank_blocks(source, loader, criterion, progress=False) for criterion in ("rgn", "snr")}
+    tuning = FineTuneArguments(
+        epochs=settings.sweep_epochs,
+        learning_rate=settings.sweep_learning_rate,
+        batch_size=settings.batch_size,
+        seed=seed,
+    )
+    for criterion, needed_by in (("sweep", (SWEEP, SELF_TRAIN)), ("greedy", (GREEDY,))):
+        if any(method in methods for method in needed_by):
+            rankings[criterion] = rank_blocks(source, loader, criterion, sweep_args=tuning, seed=seed, progress=False)
+    return rankings
+
+
+def _method_rows(
+    method: str, source: nn.Module, target: Target, base: FineTuneArguments, settings: Settings, context: Context
+) -> list[dict[str, Any]]:
+    """`method` trained once per learning rate; the rate with the best validation accuracy is `selected` (its
+    adapter also tested with bfloat16 deltas)."""
+    runs = []  # (row, tuned model), one per learning rate
+    for learning_rate in settings.learning_rates:
+        tic = time.perf_counter()
+        model, args = prepare(method, source, replace(base, learning_rate=learning_rate), settings, context)
+        trained = fine_tune(model, target.train, None, args)
+        result = {
+            "method": method,
+            "selected": False,
+            "learning_rate": learning_rate,
+            "val_accuracy": _accuracy(trained.model, target.val),
+            "test_accuracy": _accuracy(trained.model, target.test),
+            "seconds": time.perf_counter() - tic,
+            "trainable": trained.model.get_nb_trainable_parameters()[0],
+            **{key: value for key, value in trained.metrics.items() if key.startswith("pseudo_label")},
+            **({"unlabeled": len(args.unlabeled_dataset)} if method == SELF_TRAIN else {}),
+        }
+        runs.append((result, trained.model))
+    best, best_model = max(runs, key=lambda run: run[0]["val_accuracy"])  # the first of equals
+    best["selected"] = True
+    if method in SURGICAL:
+        best["bf16_test_accuracy"] = _bfloat16_accuracy(best_model, source, target.test)
+    return [result for result, _ in runs]
+
+
+def run_cell(shift: str, seed: int, settings: Settings, methods: Sequence[str] = METHODS) -> dict[str, Any]:
+    """`methods` on one shift and seed, each at the learning rate of the grid that does best on validation (the
+    sweep's row needs every block's).
 
     Returns `{"shift", "seed", "rows": [one per method and learning rate], "picks": {criterion: block}, "timing"}`.
     """
@@ -243,49 +350,36 @@ def run_cell(shift: str, seed: int, settings: Settings) -> dict[str, Any]:
     target = build_target(shift, seed, settings)
     source = ResNetForImageClassification.from_pretrained(target.source).eval()
     loader = DataLoader(target.train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    rankings = {criterion: rank_blocks(source, loader, criterion, progress=False) for criterion in ("rgn", "snr")}
-    sweep_args = FineTuneArguments(
-        epochs=settings.sweep_epochs, learning_rate=settings.sweep_learning_rate, batch_size=settings.batch_size
-    )
-    rankings["sweep"] = rank_blocks(
-        source, loader, "sweep", sweep_args=replace(sweep_args, seed=seed), seed=seed, progress=False
-    )
+    rankings = _rankings(source, loader, settings, seed, methods)
     mask = rankings["snr"].tensor_mask(settings.snr_threshold)
-    snr_modules = sorted({name.rpartition(".")[0] for name, keep in mask.items() if keep})
-
+    context = Context(
+        snr_modules=sorted({name.rpartition(".")[0] for name, keep in mask.items() if keep}),
+        sweep_block=rankings["sweep"].best()[0] if "sweep" in rankings else None,
+        greedy_blocks=rankings["greedy"].chosen if "greedy" in rankings else None,
+        unlabeled=target.test[: settings.unlabeled_n],  # transductive: the test images, their labels only scored
+    )
     base = FineTuneArguments(
         epochs=settings.epochs, batch_size=settings.batch_size, delta_dtype="bfloat16", seed=seed, progress=False
     )
     row = {"shift": shift, "kind": KINDS[shift], "seed": seed, "selected": True}
     rows = [{**row, "method": NONE, "test_accuracy": _accuracy(source, target.test), "trainable": 0}]
-    for method in TRAINED:
-        runs = []  # (row, tuned model), one per learning rate
-        for learning_rate in settings.learning_rates:
-            tic = time.perf_counter()
-            model, args = prepare(method, source, replace(base, learning_rate=learning_rate), settings, snr_modules)
-            tuned = fine_tune(model, target.train, None, args).model
-            seconds = time.perf_counter() - tic
-            result = {
-                **row,
-                "method": method,
-                "selected": False,
-                "learning_rate": learning_rate,
-                "val_accuracy": _accuracy(tuned, target.val),
-                "test_accuracy": _accuracy(tuned, target.test),
-                "seconds": seconds,
-                "trainable": tuned.get_nb_trainable_parameters()[0],
-            }
-            runs.append((result, tuned))
-        best, best_model = max(runs, key=lambda run: run[0]["val_accuracy"])  # the first of equals
-        best["selected"] = True
-        if method in SURGICAL:
-            best["bf16_test_accuracy"] = _bfloat16_accuracy(best_model, source, target.test)
-        rows += [result for result, _ in runs]
-    picked = rankings["sweep"].best()[0]
-    swept = next(r for r in rows if r["method"] == picked and r["selected"])
-    rows.append({**swept, "method": SWEEP, "picked": picked, "seconds": swept["seconds"] + rankings["sweep"].seconds})
+    rows = rows if NONE in methods else []
+    for method in (method for method in TRAINED if method in methods):
+        rows += [{**row, **result} for result in _method_rows(method, source, target, base, settings, context)]
+        if method == GREEDY:
+            greedy = next(r for r in rows if r["method"] == GREEDY and r["selected"])
+            greedy.update(picked="+".join(context.greedy_blocks or []))
+            greedy["seconds"] += rankings["greedy"].seconds
+    if SWEEP in methods:
+        swept = next(r for r in rows if r["method"] == context.sweep_block and r["selected"])
+        rows.append({**swept, "method": SWEEP, "picked": context.sweep_block})
+        rows[-1]["seconds"] = swept["seconds"] + rankings["sweep"].seconds
     picks = {criterion: ranking.best()[0] for criterion, ranking in rankings.items()}
-    timing = {"cell": time.perf_counter() - start, "sweep": rankings["sweep"].seconds}
+    picks.update({"greedy": "+".join(context.greedy_blocks)} if context.greedy_blocks else {})
+    timing = {"cell": time.perf_counter() - start}
+    timing.update(
+        {criterion: rankings[criterion].seconds for criterion in ("sweep", "greedy") if criterion in rankings}
+    )
     return {"shift": shift, "seed": seed, "rows": rows, "picks": picks, "timing": timing}
 
 
@@ -381,33 +475,25 @@ def markdown(
         means = _kind_means(table, method, shifts, kinds)
         lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells_text + means) + " |")
 
-    lines += [
-        "",
-        "## Relative to full fine-tuning",
-        "",
-        "Test accuracy minus full fine-tuning's, paired by seed (points, mean ± std), as in the paper's Figure 2:",
-        "",
-        "| shift | " + " | ".join(LABELS.get(m, m) for m in (*BLOCKS, SWEEP)) + " |",
-        "|---|" + "---|" * (len(BLOCKS) + 1),
-    ]
-    for shift in shifts:
-        cells_text = [
-            "{:+.1f} ± {:.1f}".format(*_mean_std(_paired_differences(rows, method, FULL, shift)))
-            for method in (*BLOCKS, SWEEP)
-        ]
-        lines.append(f"| {shift.replace('_', ' ')} | " + " | ".join(cells_text) + " |")
-
+    present = {row["method"] for row in rows}
+    compared = [m for m in (*BLOCKS, SWEEP, *SCHEDULES) if m in present] if FULL in present else []
+    lines += _relative_section(rows, shifts, compared)
     lines += ["", "## Which block each criterion picks", ""]
+    criteria = [c for c in ("sweep", "rgn", "snr", "greedy") if any(c in cell["picks"] for cell in cells)]
+    names = {"sweep": "sweep", "rgn": "Auto-RGN ranking", "snr": "Auto-SNR ranking", "greedy": "greedy subset"}
     lines += [
-        "| shift | best single block (test) | sweep | Auto-RGN ranking | Auto-SNR ranking |",
-        "|---|---|---|---|---|",
+        "| shift | best single block (test) | " + " | ".join(names[c] for c in criteria) + " |",
+        "|---|---|" + "---|" * len(criteria),
     ]
     for shift in shifts:
         oracle = max(BLOCKS, key=lambda block: table.get((block, shift), (-1.0, 0))[0])
         picks = [cell["picks"] for cell in cells if cell["shift"] == shift]
         counted = [
-            ", ".join(f"{block} ({count}/{len(picks)})" for block, count in Counter(p[c] for p in picks).most_common())
-            for c in ("sweep", "rgn", "snr")
+            ", ".join(
+                f"{block} ({count}/{len(picks)})"
+                for block, count in Counter(p.get(c, "-") for p in picks).most_common()
+            )
+            for c in criteria
         ]
         lines.append(f"| {shift.replace('_', ' ')} | {oracle} | " + " | ".join(counted) + " |")
 
@@ -443,14 +529,73 @@ def markdown(
         rates = ", ".join(f"{rate:g} ({picked[rate]}x)" for rate in sorted(picked))
         per_run = statistics.mean(row["seconds"] for row in selected)
         lines.append(f"| {LABELS.get(method, method)} | {trainable} | {per_run:.1f} | {rates} |")
-    sweep_seconds = [cell["timing"]["sweep"] for cell in cells]
-    lines += [
+    sweep_seconds = [cell["timing"]["sweep"] for cell in cells if "sweep" in cell["timing"]]
+    if sweep_seconds:
+        lines += [
+            "",
+            f"The sweep fine-tunes all {len(BLOCKS)} blocks for {settings.sweep_epochs} epochs on 3/4 of the "
+            f"training images: {statistics.mean(sweep_seconds):.1f} s per shift and seed on average (its row's "
+            "seconds include the picked block's own run); Auto-RGN and Auto-SNR rankings take about a second.",
+        ]
+    return "\n".join(lines + _self_training_section(rows, shifts, settings)) + "\n"
+
+
+def _relative_section(rows: list[dict[str, Any]], shifts: Sequence[str], compared: Sequence[str]) -> list[str]:
+    """Test accuracy of each of `compared` minus full fine-tuning's, per shift, paired by seed."""
+    if not compared:
+        return []
+    lines = [
         "",
-        f"The sweep fine-tunes all {len(BLOCKS)} blocks for {settings.sweep_epochs} epochs on 3/4 of the training "
-        f"images: {statistics.mean(sweep_seconds):.1f} s per shift and seed on average (its row's seconds include the "
-        "picked block's own run); Auto-RGN and Auto-SNR rankings take about a second.",
+        "## Relative to full fine-tuning",
+        "",
+        "Test accuracy minus full fine-tuning's, paired by seed (points, mean ± std), as in the paper's Figure 2:",
+        "",
+        "| shift | " + " | ".join(LABELS.get(m, m) for m in compared) + " |",
+        "|---|" + "---|" * len(compared),
     ]
-    return "\n".join(lines) + "\n"
+    for shift in shifts:
+        cells_text = [
+            "{:+.1f} ± {:.1f}".format(*_mean_std(_paired_differences(rows, method, FULL, shift)))
+            for method in compared
+        ]
+        lines.append(f"| {shift.replace('_', ' ')} | " + " | ".join(cells_text) + " |")
+    return lines
+
+
+def _self_training_section(rows: list[dict[str, Any]], shifts: Sequence[str], settings: Settings) -> list[str]:
+    """Per shift: the pseudo-labels self-training kept, how accurate they were, and the student against its teacher's
+    block tuned alone (the sweep's row)."""
+    selected = [row for row in rows if row["method"] == SELF_TRAIN and row["selected"]]
+    if not selected:
+        return []
+    lines = [
+        "",
+        "## Self-training's pseudo-labels",
+        "",
+        f"The teacher is the sweep's block, tuned on the labelled images; an ensemble of {settings.ensemble_size} "
+        "such adapters (seeds apart) on the one base keeps a pseudo-label when the normalised entropy of its mean "
+        f"prediction is at most {settings.pseudo_label_threshold:g}. The unlabelled images are the test images, "
+        f"at most {settings.unlabeled_n} (transductive, as in test-time adaptation: the digits shifts' target half "
+        "holds fewer than 150 + 100 + 1,000 images), whose labels only score the pseudo-labels. Mean ± std over "
+        "seeds, at the learning rate validation picked:",
+        "",
+        "| shift | pseudo-labels kept / unlabelled | pseudo-label accuracy (%) | self-training - sweep (points) |",
+        "|---|---|---|---|",
+    ]
+    for shift in shifts:
+        here = [row for row in selected if row["shift"] == shift]
+        if not here:
+            continue
+        kept = "{:.0f} ± {:.0f} / {}".format(
+            *_mean_std([row["pseudo_labels_kept"] for row in here]), here[0]["unlabeled"]
+        )
+        scored = [100 * row["pseudo_label_accuracy"] for row in here if "pseudo_label_accuracy" in row]
+        accuracy = "{:.1f} ± {:.1f}".format(*_mean_std(scored)) if scored else "-"
+        swept = any(row["method"] == SWEEP and row["shift"] == shift for row in rows)
+        gain = _paired_differences(rows, SELF_TRAIN, SWEEP, shift) if swept else []
+        versus = "{:+.1f} ± {:.1f}".format(*_mean_std(gain)) if gain else "-"
+        lines.append(f"| {shift.replace('_', ' ')} | {kept} | {accuracy} | {versus} |")
+    return lines
 
 
 def heatmap(rows: list[dict[str, Any]], shifts: Sequence[str], path: Path) -> None:
@@ -460,7 +605,7 @@ def heatmap(rows: list[dict[str, Any]], shifts: Sequence[str], path: Path) -> No
     table = summarise(rows)
     methods = [m for m in METHODS if any((m, s) in table for s in shifts)]
     accuracy = np.array([[table.get((m, s), (np.nan, 0))[0] for s in shifts] for m in methods])
-    relative = accuracy - accuracy[methods.index(FULL)]
+    relative = accuracy - accuracy[methods.index(FULL)] if FULL in methods else np.zeros_like(accuracy)
     figure = Figure(figsize=(1.1 * len(shifts) + 3.5, 0.42 * len(methods) + 1.6), layout="constrained")
     axes = figure.subplots()
     image = axes.imshow(np.clip(relative, -15, 15), cmap="RdBu", vmin=-15, vmax=15, aspect="auto")
@@ -486,16 +631,23 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- main
 def _run_jobs(
-    pool: ProcessPoolExecutor, function: Any, jobs: Sequence[tuple[Any, ...]], bar: tqdm, describe: Any
+    pool: ProcessPoolExecutor,
+    function: Any,
+    jobs: Sequence[tuple[Any, ...]],
+    bar: tqdm,
+    describe: Any,
+    done: Any = None,
 ) -> list[Any]:
-    """`function(*job)` for every job on the pool, logging `describe(job, result)` as each one ends; results in the
-    order of `jobs`."""
+    """`function(*job)` for every job on the pool, logging `describe(job, result)` as each one ends and passing the
+    results so far to `done` (if given); results in the order of `jobs`."""
     futures = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
     results: list[Any] = [None] * len(jobs)
     for future in as_completed(futures):
         index = futures[future]
         results[index] = future.result()
         log.info(describe(jobs[index], results[index]))
+        if done is not None:
+            done([result for result in results if result is not None])
         bar.update()
     return results
 
@@ -520,6 +672,53 @@ def write_results(results: dict[str, Any], stem: Path) -> str:
     return report
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    """`--methods`: comma-separated row names, in the table's order; the sweep's row brings every block's."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; valid: {', '.join(METHODS)}")
+    wanted = {*names, *(BLOCKS if SWEEP in names else ())}
+    return tuple(method for method in METHODS if method in wanted)
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The saved results `old` with the cells of `new` added: in each shift and seed, the rows of a method `new` ran
+    replace `old`'s rows of that method, picks and timings are updated, and the seconds and commands add up.
+
+    Example:
+        >>> cell = lambda method, accuracy: {"shift": "fog", "seed": 0, "rows": [{"method": method, "acc": accuracy}],
+        ...                                  "picks": {}, "timing": {"cell": 1.0}}
+        >>> runs = lambda *cells: {"command": "run", "seconds": 1.0, "settings": {"shifts": ["fog"], "seeds": [0]},
+        ...                        "cells": list(cells)}
+        >>> merged = merge(runs(cell("full", 0.5)), runs(cell("gradual", 0.7)))
+        >>> [row["method"] for row in merged["cells"][0]["rows"]], merged["seconds"], merged["command"]
+        (['full', 'gradual'], 2.0, 'run; run')
+    """
+    cells = {(cell["shift"], cell["seed"]): copy.deepcopy(cell) for cell in old["cells"]}
+    for cell in new["cells"]:
+        kept = cells.setdefault((cell["shift"], cell["seed"]), {**cell, "rows": []})
+        methods = {row["method"] for row in cell["rows"]}
+        kept["rows"] = [row for row in kept["rows"] if row["method"] not in methods] + cell["rows"]
+        kept["picks"] = {**kept["picks"], **cell["picks"]}
+        kept["timing"] = {**kept["timing"], **cell["timing"], "cell": kept["timing"]["cell"] + cell["timing"]["cell"]}
+    settings = {**old["settings"], **new["settings"]}
+    for key in ("shifts", "seeds"):  # the columns and seeds of both, the old ones first
+        settings[key] = list(dict.fromkeys([*old["settings"][key], *new["settings"][key]]))
+    return {
+        **old,
+        "command": f"{old['command']}; {new['command']}",
+        "seconds": old["seconds"] + new["seconds"],
+        "settings": settings,
+        "cells": list(cells.values()),
+    }
+
+
+def _save_partial(cells: list[dict[str, Any]], path: Path) -> None:
+    """Write the cells done so far (the raw rows of `run_cell`) to `path`."""
+    path.write_text(json.dumps(cells, indent=1))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer shifts, seeds, rates and epochs")
@@ -527,6 +726,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"), help="where results go")
     parser.add_argument("--cache-dir", help="source model cache (default: the demo's, ~/.cache/surgical_peft)")
     parser.add_argument("--report-only", action="store_true", help="redraw the outputs from the saved JSON")
+    parser.add_argument(
+        "--methods",
+        type=_methods,
+        default=METHODS,
+        help=f"comma-separated rows to run (default: all): {', '.join(METHODS)}; the sweep's brings every block's",
+    )
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="add the rows run to the saved results (replacing the rows of the methods run again) instead of "
+        "starting over",
+    )
     args = parser.parse_args(argv)
     settings = replace(QUICK if args.quick else Settings(), cache_dir=args.cache_dir)
     output = Path(args.output_dir)
@@ -538,14 +749,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(message)s",
-        handlers=[logging.StreamHandler(), logging.FileHandler(stem.with_suffix(".log"), mode="w")],
+        handlers=[
+            logging.StreamHandler(),
+            logging.FileHandler(stem.with_suffix(".log"), mode="a" if args.add else "w"),
+        ],
     )
     command = "python benchmarks/shifts.py" + (" --quick" if args.quick else "")
+    command += f" --methods {','.join(args.methods)}" if args.methods != METHODS else ""
+    command += " --add" if args.add else ""
     log.info("%s: %s", command, asdict(settings))
     start = time.perf_counter()
     own_source = ("subpopulation", "spurious")  # every other shift starts from the model pretrained on clean digits
     sources = sorted({(s if s in own_source else "none", seed) for s in settings.shifts for seed in settings.seeds})
-    cells_to_run = [(shift, seed, settings) for seed in settings.seeds for shift in settings.shifts]
+    cells_to_run = [(shift, seed, settings, args.methods) for seed in settings.seeds for shift in settings.shifts]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker) as pool:
         bar = tqdm(total=len(sources) + len(cells_to_run), desc="study")
@@ -557,10 +773,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar,
             lambda job, seconds: f"source model for {job[0]}, seed {job[1]}: {seconds:.0f} s",
         )
-        cells = _run_jobs(pool, run_cell, cells_to_run, bar, _describe_cell)
+        partial = stem.with_name(f"{stem.name}-partial.json")  # the cells done so far, in case the run is cut short
+        cells = _run_jobs(pool, run_cell, cells_to_run, bar, _describe_cell, lambda done: _save_partial(done, partial))
+        partial.unlink(missing_ok=True)
         bar.close()
     seconds = time.perf_counter() - start
     results = {"command": command, "jobs": args.jobs, "seconds": seconds, "settings": asdict(settings), "cells": cells}
+    if args.add:
+        results = merge(json.loads(stem.with_suffix(".json").read_text()), results)
     log.info("\n%s", write_results(results, stem))
     log.info("done in %.1f min: %s.{md,csv,png,json,log}", seconds / 60, stem)
     return 0

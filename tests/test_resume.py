@@ -162,3 +162,24 @@ def test_two_processes_extend_and_resume_bit_identical(cache: bool, model_dir: s
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert json.loads((output / "metrics.json").read_text())["num_processes"] == 2
     assert_identical(output, reference)
+
+
+@pytest.mark.parametrize("switch", [[], ["--switch-every", "2"]], ids=["every-epoch", "every-2-steps"])
+def test_an_alternating_run_killed_mid_schedule_resumes_bit_identical(
+    switch: list[str], model_dir: str, tmp_path: Path
+) -> None:
+    """Killed in the second epoch: in the head's turn (every epoch), or with the turns of 2 steps crossing the
+    epochs (stage2, stage2, head | head, stage2, stage2): the resumed run keeps the one optimizer's state."""
+    extra = ["--strategy", "alternate", "--block", "head", *switch]
+    reference = tmp_path / "reference"
+    assert main(train_argv(model_dir, reference, *extra)) == 0
+    output = tmp_path / "run"
+    argv = train_argv(model_dir, output, *extra)
+    killed = run_killed(argv, tmp_path, KILL_AFTER_STEPS=str(STEPS_PER_EPOCH + 2), KILL_SIGNAL="KILL")
+    assert killed.returncode != 0, killed.stderr[-2000:]
+    checkpoint, progress = latest_checkpoint(output)
+    assert (checkpoint.name, progress.phase, progress.epochs_done) == ("checkpoint_0", 0, [1])
+    assert main(argv) == 0
+    assert_identical(output, reference)
+    phases = [record["phase"] for record in json.loads((output / "metrics.json").read_text())["history"]]
+    assert phases == (["alternate every 2 steps"] * 2 if switch else ["alternate 1/2", "alternate 2/2"])

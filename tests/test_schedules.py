@@ -38,11 +38,24 @@ class Recorder:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.optimizers: list[list[tuple[set[str], float]]] = []
+        self.made: list[torch.optim.Optimizer] = []
 
     def groups(self, optimizer: torch.optim.Optimizer) -> None:
         names = {id(p): name for name, p in self.model.named_parameters()}
         groups = optimizer.param_groups
         self.optimizers.append([({_block(names[id(p)]) for p in group["params"]}, group["lr"]) for group in groups])
+        self.made.append(optimizer)
+
+    def adam_steps(self) -> dict[str, set[int]]:
+        """Per block, the AdamW step counts of its tensors in the (one) optimizer: how many steps trained each."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        (optimizer,) = self.made
+        steps: dict[str, set[int]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                steps.setdefault(_block(names[id(p)]), set()).add(int(state["step"]) if "step" in state else 0)
+        return steps
 
 
 def _block(name: str) -> str | None:
@@ -80,18 +93,17 @@ def tuned(model: nn.Module, args: FineTuneArguments) -> dict[str, bool]:
     return changed
 
 
-def test_alternate_trains_one_block_per_epoch(record) -> None:
+def test_alternate_trains_one_block_per_epoch_with_one_optimizer(record) -> None:
     args = FineTuneArguments(strategy="alternate", blocks=["stage1", "head"], epochs=3, batch_size=4, progress=False)
     assert [phase.blocks for phase in args.phases()] == [["stage1"], ["head"], ["stage1"]]
     assert args.adapter_blocks() == ["stage1", "head"]
     model = build_model("resnet-basic")
     recorder = record(model)
     changed = tuned(model, args)
-    assert [[blocks for blocks, _ in groups] for groups in recorder.optimizers] == [
-        [{"stage1"}],
-        [{"head"}],
-        [{"stage1"}],
-    ]
+    assert [[blocks for blocks, _ in groups] for groups in recorder.optimizers] == [[{"stage1", "head"}]]
+    # 2 steps per epoch (8 examples, batch 4): stage1 trained in epochs 1 and 3, its AdamW state kept across
+    # the head's epoch (a new optimizer would have restarted it at 0 and counted 2).
+    assert recorder.adam_steps() == {"stage1": {4}, "head": {2}}
     assert changed == {"stage1": True, "stage2": False, "head": True}
     model = build_model("resnet-basic")
     record(model)
@@ -99,13 +111,32 @@ def test_alternate_trains_one_block_per_epoch(record) -> None:
     assert first_epoch == {"stage1": True, "stage2": False, "head": False}
 
 
+@pytest.mark.parametrize(
+    ("switch_every", "steps"), [(1, {"stage1": {2}, "head": {2}}), (3, {"stage1": {3}, "head": {1}})]
+)
+def test_alternate_switches_every_k_steps_counted_across_epochs(record, switch_every: int, steps: dict) -> None:
+    args = FineTuneArguments(
+        strategy="alternate",
+        blocks=["stage1", "head"],
+        epochs=2,
+        batch_size=4,
+        switch_every=switch_every,
+        progress=False,
+    )
+    assert [(phase.blocks, phase.epochs) for phase in args.phases()] == [(["stage1", "head"], 2)]
+    model = build_model("resnet-basic")
+    recorder = record(model)
+    assert tuned(model, args) == {"stage1": True, "stage2": False, "head": True}
+    assert recorder.adam_steps() == steps  # 4 steps in turns of k: stage1 first
+
+
 def test_gradual_unfreezes_one_block_per_epoch_towards_the_input(record) -> None:
     args = FineTuneArguments(strategy="gradual", blocks=["stage1", "stage2"], epochs=4, batch_size=4, progress=False)
     model = build_model("resnet-basic")
     recorder = record(model)
     changed = tuned(model, args)
-    trained = [set().union(*(blocks for blocks, _ in groups)) for groups in recorder.optimizers]
-    assert trained == [{"head"}, {"head", "stage2"}, {"head", "stage2", "stage1"}]
+    assert len(recorder.optimizers) == 1  # one optimizer: the head's AdamW state carries on from stage to stage
+    assert recorder.adam_steps() == {"head": {8}, "stage2": {6}, "stage1": {4}}  # 4, 3 and 2 epochs of 2 steps
     assert [phase.epochs for phase in args.phases()] == [1, 1, 2]
     assert changed == {"stage1": True, "stage2": True, "head": True}
 
@@ -163,6 +194,11 @@ def test_a_schedule_resumes_mid_way(tmp_path: Path) -> None:
         ({"lr_decay": 1.5}, r"lr_decay must be in \(0, 1\]"),
         ({"lr_decay": 0.5, "lr_mode": "rgn"}, r"lr_decay and lr_mode='rgn' both set per-tensor learning rates"),
         (
+            {"strategy": "alternate", "blocks": ["stage1", "head"], "switch_every": 0},
+            r"switch_every must be at least 1",
+        ),
+        ({"switch_every": 2}, r"switch_every=2 switches the blocks of strategy='alternate'; it does not apply to"),
+        (
             {"strategy": "cyclic"},
             r"Unknown strategy 'cyclic'. Valid: alternate, dp-linear-probe, dp-surgical, full, gradual, linear-probe",
         ),
@@ -179,6 +215,17 @@ def test_the_command_line_refuses_a_bad_schedule_with_status_2(tmp_path: Path, c
     assert "strategy='alternate' trains several blocks one at a time" in capsys.readouterr().err
     assert main([*common, "--lr-decay", "2"]) == 2
     assert "lr_decay must be in (0, 1]" in capsys.readouterr().err
+    assert (
+        main([*common, "--strategy", "alternate", "--block", "stage1", "--block", "head", "--switch-every", "0"]) == 2
+    )
+    assert "switch_every must be at least 1, got 0." in capsys.readouterr().err
+    assert main([*common, "--block", "stage1", "--switch-every", "3"]) == 2
+    assert "switch_every=3 switches the blocks of strategy='alternate'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses an unknown schedule with status 2
+        main([*common, "--strategy", "cyclic"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --strategy: invalid choice: 'cyclic' (choose from" in error and "'gradual'" in error
     assert not (tmp_path / "run").exists()
 
 

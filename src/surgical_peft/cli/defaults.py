@@ -61,6 +61,9 @@ TRAINING = SimpleNamespace(  # the defaults of training.FineTuneArguments() that
     weight_decay=0.0,
     batch_size=32,
     gradient_accumulation_steps=1,
+    pseudo_label_threshold=0.2,
+    self_train_rounds=1,
+    ensemble_size=3,
 )
 PRIVACY = SimpleNamespace(  # the defaults of privacy.PrivacyArguments that options show
     delta=1e-5,

@@ -128,6 +128,40 @@ def _add_fine_tuning_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    schedule = parser.add_argument_group("schedules and self-training")
+    schedule.add_argument(
+        "--switch-every",
+        type=int,
+        metavar="K",
+        help="alternate: switch block every K optimizer steps (default: every epoch)",
+    )
+    schedule.add_argument(
+        "--unlabeled-n",
+        type=int,
+        default=0,
+        metavar="N",
+        help="self-train: unlabelled target images, cut from the target data after the labelled split (their labels "
+        "only score the pseudo-labels)",
+    )
+    schedule.add_argument(
+        "--pseudo-label-threshold",
+        type=float,
+        default=_DEFAULTS.pseudo_label_threshold,
+        metavar="H",
+        help="self-train: keep a pseudo-label when the ensemble's entropy over log(classes) is at most H, in [0, 1]",
+    )
+    schedule.add_argument(
+        "--self-train-rounds", type=int, default=_DEFAULTS.self_train_rounds, help="self-train: teacher-student rounds"
+    )
+    schedule.add_argument(
+        "--ensemble-size",
+        type=int,
+        default=_DEFAULTS.ensemble_size,
+        help="self-train: adapters (seeds apart) whose mean prediction measures the uncertainty; the first labels",
+    )
+
+
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -151,6 +185,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """
     _add_data_arguments(parser)
     _add_fine_tuning_arguments(parser)
+    _add_schedule_arguments(parser)
     add_privacy_arguments(parser)
     _add_output_arguments(parser)
     return parser
@@ -195,7 +230,21 @@ def fine_tune_arguments(args: argparse.Namespace) -> FineTuneArguments:
         progress=args.progress,
         cache_features=args.cache_features,
         privacy=privacy_arguments(args),
+        switch_every=args.switch_every,
+        pseudo_label_threshold=args.pseudo_label_threshold,
+        self_train_rounds=args.self_train_rounds,
+        ensemble_size=args.ensemble_size,
     )
+
+
+def _check_unlabeled_n(args: argparse.Namespace) -> None:
+    """`--unlabeled-n` goes with `--strategy self-train`, and self-training needs it."""
+    if args.strategy == "self-train" and args.unlabeled_n == 0:
+        raise InputError("--strategy self-train needs unlabelled target images: --unlabeled-n N, N at least 1.")
+    if args.strategy != "self-train" and args.unlabeled_n != 0:
+        raise InputError(
+            f"--unlabeled-n {args.unlabeled_n} applies to --strategy self-train only, not {args.strategy!r}."
+        )
 
 
 def _check_blocks(model: Any, blocks: list[str]) -> None:
@@ -312,10 +361,11 @@ def _prepare(args: argparse.Namespace, state: PartialState) -> _Run:
     _quiet(state, args.progress)
     resolve_shift(args)
     fine_tune_args = fine_tune_arguments(args)
+    _check_unlabeled_n(args)
     check_mixed_precision(fine_tune_args.mixed_precision, state.device)
     output_dir = _output_dir(args, fine_tune_args)
     settings = _check_resumable(output_dir, args)
-    target = load_target(args, eval_n=args.eval_n, public_half=needs_source_half(args))
+    target = load_target(args, eval_n=args.eval_n, unlabeled_n=args.unlabeled_n, public_half=needs_source_half(args))
     if state.is_main_process:
         print(target.message, flush=True)
     loaded = _load_checked_model(args, target.label_names, fine_tune_args.blocks, state)
@@ -329,6 +379,8 @@ def _prepare(args: argparse.Namespace, state: PartialState) -> _Run:
         public = public_dataset(args, target.source, loaded.preprocess)
         fine_tune_args = replace(fine_tune_args, privacy=replace(fine_tune_args.privacy, public_dataset=public))
         check_private_run(loaded.model, target.train.num_rows, fine_tune_args)
+    if target.unlabeled is not None:
+        fine_tune_args = replace(fine_tune_args, unlabeled_dataset=loaded.preprocess(target.unlabeled))
     return _Run(
         loaded=loaded,
         train=loaded.preprocess(target.train),
@@ -418,6 +470,12 @@ def print_summary(summary: dict[str, Any]) -> None:
 
     if PartialState().is_main_process:
         metrics = ", ".join(f"{name} {value:.4f}" for name, value in summary["metrics"].items())
+        for record in summary["history"]:
+            if "pseudo_labels_kept" in record:  # self-training's rounds
+                scored = record.get("pseudo_label_accuracy")
+                accuracy = f", {100 * scored:.1f}% of them right" if scored is not None else ""
+                kept = f"{record['pseudo_labels_kept']}/{record['unlabeled']}"
+                print(f"{record['phase']}: kept {kept} pseudo-labels{accuracy}")
         print(f"{summary['strategy']} {'+'.join(summary['blocks'])}: {metrics}. Adapter: {summary['adapter_dir']}")
         if "commit_url" in summary:
             print(f"Pushed to the Hub: {summary['commit_url']}")

@@ -68,11 +68,13 @@ def _split_reason(args: argparse.Namespace, public_half: bool) -> str | None:
 @dataclass
 class Target:
     """The target data of a run: `train` (and `eval`, unless none was asked for), the `source` half when one was cut
-    off (else `None`), the dataset's label names, and a line saying how many images went where and why."""
+    off (else `None`), the `unlabeled` images of self-training (else `None`), the dataset's label names, and a line
+    saying how many images went where and why."""
 
     train: datasets.Dataset
     eval: datasets.Dataset | None
     source: datasets.Dataset | None
+    unlabeled: datasets.Dataset | None
     label_names: list[str]
     message: str
 
@@ -80,9 +82,9 @@ class Target:
 def _describe(args: argparse.Namespace, total: int, splits: datasets.DatasetDict, reason: str | None, use: str) -> str:
     shift = "no shift" if args.shift == "none" else f"shift {args.shift}"
     shift += f" at severity {args.severity}" if args.severity is not None else ""
-    counts = f"{splits['train'].num_rows} for {use}" + (
-        f", {splits['eval'].num_rows} for evaluation" if "eval" in splits else ""
-    )
+    counts = f"{splits['train'].num_rows} for {use}"
+    counts += f", {splits['eval'].num_rows} for evaluation" if "eval" in splits else ""
+    counts += f", {splits['unlabeled'].num_rows} unlabelled (self-training)" if "unlabeled" in splits else ""
     if reason is None:
         return f"Data: all {total} images of {args.dataset} are the target ({shift}): {counts}."
     source = splits["source"].num_rows
@@ -93,7 +95,12 @@ def _describe(args: argparse.Namespace, total: int, splits: datasets.DatasetDict
 
 
 def load_target(
-    args: argparse.Namespace, *, eval_n: int | None = None, public_half: bool = False, use: str = "training"
+    args: argparse.Namespace,
+    *,
+    eval_n: int | None = None,
+    unlabeled_n: int = 0,
+    public_half: bool = False,
+    use: str = "training",
 ) -> Target:
     """Load `args.dataset` and cut its target data (see the module's docstring), after `resolve_shift`.
 
@@ -101,6 +108,7 @@ def load_target(
         args: parsed `--model`, `--dataset`, `--shift`, `--severity`, `--train-n`, `--seed` and the dataset options
             of `surgical_peft.cli.options.add_dataset_options`.
         eval_n: images to evaluate on; default: the rest of the target; 0: none (`rank` only ranks).
+        unlabeled_n: target images whose labels are set aside, for self-training (0: none).
         public_half: whether a source half is needed as public data (`--pca-dim` without `--public-dataset`).
         use: what the `train` split is for, in the message.
 
@@ -122,6 +130,7 @@ def load_target(
             args.shift,
             train_n=args.train_n,
             eval_n=eval_n,
+            unlabeled_n=unlabeled_n,
             severity=args.severity or SEVERITIES[-1],
             seed=args.seed,
             split_source=reason is not None,
@@ -135,6 +144,7 @@ def load_target(
         train=splits["train"],
         eval=splits.get("eval"),
         source=splits.get("source"),
+        unlabeled=splits.get("unlabeled"),
         label_names=dataset.features["label"].names,
         message=_describe(args, dataset.num_rows, splits, reason, use),
     )

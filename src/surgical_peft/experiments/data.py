@@ -313,17 +313,31 @@ def check_shift(shift: str) -> str:
     return shift
 
 
+def _check_unlabeled_n(unlabeled_n: int, rows: int, train_n: int, eval_n: int | None) -> None:
+    """An `InputError` unless `unlabeled_n` target images remain after the labelled and the eval images."""
+    held = train_n + max(eval_n or 1, 1)  # the eval split needs at least one image
+    if unlabeled_n < 0 or held + unlabeled_n > rows:
+        raise InputError(
+            f"unlabeled_n={unlabeled_n} must be between 0 and what remains of the target data after the labelled "
+            f"split and the eval images: the target has {rows} images, train_n={train_n} and "
+            f"eval_n={eval_n if eval_n is not None else 'at least 1'}, so unlabeled_n can be at most "
+            f"{max(rows - held, 0)}."
+        )
+
+
 def make_target(
     dataset: datasets.Dataset,
     shift: str,
     *,
     train_n: int,
     eval_n: int | None = None,
+    unlabeled_n: int = 0,
     severity: int = 5,
     seed: int = 0,
     split_source: bool = True,
 ) -> datasets.DatasetDict:
-    """The experiment's splits: a `source` half, and the shifted target half cut into `train` and `eval`.
+    """The experiment's splits: a `source` half, and the shifted target half cut into `train` and `eval` (and, with
+    `unlabeled_n`, an `unlabeled` split of that many more target images, disjoint from both, for self-training).
 
     The source half is clean except under `spurious` (markers correlated with the label) and `subpopulation` (its
     own subpopulations), see `split_source_target`. With `split_source=False` there is no source half: the whole
@@ -335,13 +349,15 @@ def make_target(
             `"label-permutation"`, `"spurious"`, `"subpopulation"` or `"none"`.
         train_n: size of the small labelled target training set.
         eval_n: size of the target evaluation set; default: the rest of the target; 0: no `eval` split.
+        unlabeled_n: size of the `unlabeled` split, cut from the target before `eval` (0: none). Its images keep their
+            labels, for scoring pseudo-labels only.
         severity: corruption severity, 1 to 5.
         seed: seeds the halves, the target split and the shift.
         split_source: whether to cut off a source half first; the `SOURCE_SHIFTS` need it.
 
     Raises:
-        ValueError: for an unknown shift, a severity outside 1-5, `train_n` larger than the target data, or a
-            `SOURCE_SHIFTS` shift without `split_source`.
+        ValueError: for an unknown shift, a severity outside 1-5, `train_n` (plus `unlabeled_n`) larger than the
+            target data, or a `SOURCE_SHIFTS` shift without `split_source`.
 
     Example:
         >>> from surgical_peft.experiments.data import load_digits
@@ -355,7 +371,11 @@ def make_target(
     if not split_source and check_shift(shift) in SOURCE_SHIFTS:
         raise InputError(f"The {shift} shift defines a source and a target half: it needs split_source=True.")
     halves = split_source_target(dataset, shift, seed=seed) if split_source else {"target": dataset}
-    target = split_target(halves["target"], train_n, eval_n, seed=seed)
+    _check_unlabeled_n(unlabeled_n, halves["target"].num_rows, train_n, eval_n)
+    target = dict(split_target(halves["target"], train_n + unlabeled_n, eval_n, seed=seed))
+    if unlabeled_n:
+        labelled = split_target(target["train"], train_n, unlabeled_n, seed=seed)
+        target.update(train=labelled["train"], unlabeled=labelled["eval"])  # order: train, eval, unlabeled
 
     def shifted(split: datasets.Dataset, index: int) -> datasets.Dataset:
         if shift in shifts.CORRUPTIONS:

@@ -49,7 +49,7 @@ def make_accelerator(args: FineTuneArguments) -> Accelerator:
     )
 
 
-def may_leave_parameters_unused(blocks: list[str], block_map: BlockMap) -> bool:
+def may_leave_parameters_unused(blocks: list[str], block_map: BlockMap, *, switches: bool = False) -> bool:
     """Whether a phase training `blocks` can hold a trainable parameter that a forward pass does not reach, so that
     DDP must look for unused parameters after every forward (`find_unused_parameters=True`; without it, DDP waits
     for their gradients forever; with it needlessly, every rank warns that it found none).
@@ -59,7 +59,8 @@ def may_leave_parameters_unused(blocks: list[str], block_map: BlockMap) -> bool:
     unreached only where a model keeps tensors that a classifier's forward uses for optional inputs or other heads
     alone: in the whole model (`all`: e.g. an unused pooler) and in its first block, the stem or embeddings (e.g.
     the `mask_token` of ViT-like models, used for masked image modelling only). Any other block is on every forward
-    path.
+    path. A phase that `switches` which of its blocks train between steps (`alternate` with `switch_every`) leaves
+    the resting blocks without gradients while DDP waits for them: it needs the search too.
 
     Example:
         >>> from transformers import ResNetConfig, ResNetForImageClassification
@@ -68,10 +69,13 @@ def may_leave_parameters_unused(blocks: list[str], block_map: BlockMap) -> bool:
         >>> [may_leave_parameters_unused(chosen, blocks) for chosen in (["stage1"], ["embedder"], ["all"])]
         [False, True, True]
     """
-    return blocks == [ALL] or next(iter(block_map)) in blocks
+    return switches or blocks == [ALL] or next(iter(block_map)) in blocks
 
 
-def set_unused_parameter_search(accelerator: Accelerator, blocks: list[str], block_map: BlockMap) -> None:
+def set_unused_parameter_search(
+    accelerator: Accelerator, blocks: list[str], block_map: BlockMap, *, switches: bool = False
+) -> None:
     """Ask DDP to search for unused parameters in the next `prepare` exactly when `may_leave_parameters_unused`."""
     if accelerator.ddp_handler is not None:
-        accelerator.ddp_handler.find_unused_parameters = may_leave_parameters_unused(blocks, block_map)
+        search = may_leave_parameters_unused(blocks, block_map, switches=switches)
+        accelerator.ddp_handler.find_unused_parameters = search

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
     from ..privacy import PrivacyArguments
+    from .loop import Examples
     from .strategies._base import Phase
 
 __all__ = ["LR_MODES", "MIXED_PRECISION", "FineTuneArguments", "FineTuneResult"]
@@ -73,6 +74,14 @@ class FineTuneArguments:
         cache_max_bytes: bound on the cached features' bytes (examples beyond it are computed every epoch).
         privacy: the budget (and NoisyGD settings) of `strategy="dp-linear-probe"` or `"dp-surgical"`
             (`surgical_peft.privacy`).
+        switch_every: `alternate` switches block every this many optimizer steps; `None` (the default): every epoch.
+        unlabeled_dataset: `self-train`'s unlabelled target images (`{"pixel_values"}` examples; a `labels` entry,
+            when known, only scores the pseudo-labels and never reaches training).
+        pseudo_label_threshold: `self-train` keeps a pseudo-label when the ensemble's predictive entropy, over
+            log(classes), is at most this, in [0, 1] (0: only certain predictions; 1: every one).
+        self_train_rounds: `self-train`'s teacher-student rounds (each round's students teach the next).
+        ensemble_size: adapters, seeded apart on the one base, whose mean prediction measures `self-train`'s
+            uncertainty; the first (the run's seed) is the teacher that labels.
     """
 
     strategy: str = "surgical"
@@ -94,6 +103,11 @@ class FineTuneArguments:
     cache_features: bool = False
     cache_max_bytes: int = 4 * 2**30
     privacy: PrivacyArguments | None = None
+    switch_every: int | None = None
+    unlabeled_dataset: Examples | None = field(default=None, repr=False)
+    pseudo_label_threshold: float = 0.2
+    self_train_rounds: int = 1
+    ensemble_size: int = 3
 
     def __post_init__(self) -> None:
         STRATEGIES.check(self.strategy)
@@ -114,11 +128,16 @@ class FineTuneArguments:
         self._check_numbers()
         if self.lr_decay != 1 and self.lr_mode == "rgn":
             raise InputError("lr_decay and lr_mode='rgn' both set per-tensor learning rates: choose one.")
+        if self.switch_every is not None and self.strategy != "alternate":
+            raise InputError(
+                f"switch_every={self.switch_every} switches the blocks of strategy='alternate'; it does not apply to "
+                f"strategy={self.strategy!r}."
+            )
         self.phases()  # a strategy checks what it needs (e.g. alternate: several blocks)
 
     def _check_numbers(self) -> None:
         """Refuse numeric settings outside their range (a NaN is outside every range)."""
-        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "lp_epochs"):
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "lp_epochs", "switch_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"{name} must be at least 1, got {value}.")
@@ -130,6 +149,14 @@ class FineTuneArguments:
             raise InputError(f"seed must be between 0 and {_MAX_SEED}, got {self.seed}.")
         if not 0 < self.lr_decay <= 1:  # (a NaN fails this too)
             raise InputError(f"lr_decay must be in (0, 1] (1: no decay), got {self.lr_decay}.")
+        if not 0 <= self.pseudo_label_threshold <= 1:
+            raise InputError(
+                "pseudo_label_threshold is a normalised entropy and must be in [0, 1] (0: keep only certain "
+                f"predictions, 1: keep every one), got {self.pseudo_label_threshold}."
+            )
+        for name in ("self_train_rounds", "ensemble_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.cache_max_bytes < 0:
             raise InputError(f"cache_max_bytes must be at least 0, got {self.cache_max_bytes}.")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:

@@ -4,6 +4,7 @@ run, on every process at once, when a loss or a trained tensor is not finite."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -42,8 +43,10 @@ def train_epoch(
     cache: FeatureCache | None,
     description: str,
     progress: bool,
+    before_batch: Callable[[int], None] | None = None,
 ) -> float:
-    """Train `model` for one pass over `loader`; returns the mean training loss over every process.
+    """Train `model` for one pass over `loader`; returns the mean training loss over every process. `before_batch`,
+    if given, is called with each batch's index (from 0) before its forward pass (e.g. to switch the trained block).
 
     Raises:
         TrainingError: if a loss (on any process) or, after the last step, a trained tensor is not finite; the
@@ -54,6 +57,8 @@ def train_epoch(
     first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # from 1; 0: none (kept on device)
     bar = tqdm(loader, desc=description, leave=False, disable=not (progress and accelerator.is_main_process))
     for batch in bar:
+        if before_batch is not None:
+            before_batch(count)
         indices = batch.pop("index", None)
         with accelerator.accumulate(model):
             with cache.batch(indices) if cache is not None else contextlib.nullcontext():

@@ -1,8 +1,10 @@
 """`fine_tune`: the training loop, on Accelerate, one phase after another as the strategy says.
 
-Each phase (see `surgical_peft.training.strategies`) gets its own optimizer and DDP wrapper, runs its epochs
-(`epoch.train_epoch`), evaluates after each one and checkpoints it (`checkpoint`); a rerun with the same `output_dir`
-resumes from the latest checkpoint. Only the main process shows progress bars and writes files.
+Each phase (see `surgical_peft.training.strategies`) gets its own DDP wrapper (consecutive phases at one learning
+rate share one optimizer over every tensor of the adapter, so a block's AdamW state carries on across them), runs its
+epochs (`epoch.train_epoch`; a phase with `switch_every` switches its trained block within them), evaluates after each
+one and checkpoints it (`checkpoint`); a rerun with the same `output_dir` resumes from the latest checkpoint. Only the
+main process shows progress bars and writes files.
 
 A resumed run is bit-identical to the uninterrupted one: the checkpoint holds the model, optimizer and RNG states;
 the data order of an epoch depends only on the seed, the phase and the epoch (`epoch_seed`), not on what ran in this
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,7 @@ from .optimizer import block_depths, make_optimizer, scale_learning_rates_by_rgn
 from .strategies import STRATEGIES
 from .strategies._base import Phase
 
-__all__ = ["epoch_seed", "fine_tune"]
+__all__ = ["adapter_config", "epoch_seed", "fine_tune"]
 
 Examples = Dataset | Sequence[dict[str, Any]]
 
@@ -73,6 +75,8 @@ class _Run:
     progress: Progress
     resume_from: Path | None  # the checkpoint to load when its phase starts
     owns_accelerator: bool  # whether `fine_tune` made the accelerator (and so sets its DDP options)
+    optimizer: torch.optim.Optimizer | None = None  # the current phases' optimizer (over every adapter tensor)
+    optimizer_rate: float | None = None  # the learning rate it was made for
 
 
 def epoch_seed(seed: int, phase: int, epoch: int, *, rgn: bool = False) -> int:
@@ -99,14 +103,23 @@ def _resolve_auto(
     return replace(args, blocks=config.blocks)
 
 
+def adapter_config(args: FineTuneArguments) -> SurgicalConfig:
+    """The config of a new adapter for `args`: every block the strategy trains.
+
+    Example:
+        >>> adapter_config(FineTuneArguments(strategy="lp-ft", blocks=["stage1"])).block
+        ['head', 'stage1']
+    """
+    return SurgicalConfig(
+        block=args.adapter_blocks(), modules_to_save=args.modules_to_save, delta_dtype=args.delta_dtype
+    )
+
+
 def _surgical_model(model: nn.Module, args: FineTuneArguments) -> PeftModel:
     """`model` if it is a `PeftModel` already, else with an adapter holding every block the strategy trains."""
     if isinstance(model, PeftModel):
         return model
-    config = SurgicalConfig(
-        block=args.adapter_blocks(), modules_to_save=args.modules_to_save, delta_dtype=args.delta_dtype
-    )
-    return quiet_get_peft_model(model, config)
+    return quiet_get_peft_model(model, adapter_config(args))
 
 
 def _start(
@@ -162,17 +175,51 @@ def _refill_cache(run: _Run, loader: DataLoader, cache: FeatureCache, index: int
                     run.model(pixel_values=batch["pixel_values"])
 
 
+def _trainable(run: _Run) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in run.model.base_model.model.named_parameters() if p.requires_grad]
+
+
+def _optimizer(run: _Run, phase: Phase) -> torch.optim.Optimizer:
+    """The optimizer of `phase`: the previous phase's when it trains at the same learning rate, so that the AdamW
+    state of a block that stays trainable, or comes back, carries on (tensors out of the phase get no gradient, and
+    AdamW leaves them and their state alone); else a new one over every tensor of the adapter."""
+    if run.optimizer is None or run.optimizer_rate != phase.learning_rate:
+        run.model.base_model.train_only(None)
+        trainable = _trainable(run)
+        depths = block_depths(run.block_map, [name for name, _ in trainable]) if run.args.lr_decay != 1 else None
+        run.optimizer = make_optimizer([p for _, p in trainable], phase.learning_rate, run.args, depths)
+        run.optimizer_rate = phase.learning_rate
+    return run.optimizer
+
+
+def _switcher(run: _Run, phase: Phase, epoch: int, batches: int) -> Callable[[int], None] | None:
+    """For a phase that trains its blocks in turn (`Phase.switch_every`): what, before each batch of epoch `epoch`,
+    trains only the block whose turn it is (turns of `switch_every` optimizer steps, counted from the phase's
+    start, so that a resumed epoch switches where the uninterrupted one did)."""
+    if phase.switch_every is None:
+        return None
+    targets = [run.block_map.target_modules([block]) for block in phase.blocks]
+    batches_per_turn = phase.switch_every * run.args.gradient_accumulation_steps
+    current: list[int] = []
+
+    def switch(batch: int) -> None:
+        turn = ((epoch * batches + batch) // batches_per_turn) % len(targets)
+        if current != [turn]:
+            run.model.base_model.train_only(targets[turn])
+            current[:] = [turn]
+
+    return switch
+
+
 def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
     """Train `phase` from where the run stands; returns the eval accuracy after its last epoch run here, if any."""
     args, accelerator = run.args, run.accelerator
     run.model.base_model.set_requires_grad(run.model.active_adapter, True)
+    optimizer = _optimizer(run, phase)
     run.model.base_model.train_only(None if phase.blocks == [ALL] else run.block_map.target_modules(phase.blocks))
-    trainable = [(name, p) for name, p in run.model.base_model.model.named_parameters() if p.requires_grad]
-    parameters = [p for _, p in trainable]
-    depths = block_depths(run.block_map, [name for name, _ in trainable]) if args.lr_decay != 1 else None
-    optimizer = make_optimizer(parameters, phase.learning_rate, args, depths)
+    parameters = [p for _, p in _trainable(run)]
     if run.owns_accelerator:
-        set_unused_parameter_search(accelerator, phase.blocks, run.block_map)
+        set_unused_parameter_search(accelerator, phase.blocks, run.block_map, switches=phase.switch_every is not None)
     model, optimizer, loader = accelerator.prepare(run.model, optimizer, run.train_loader)
     eval_loader = accelerator.prepare(run.eval_loader) if run.eval_loader is not None else None
     if run.resume_from is not None and run.progress.phase == index:
@@ -192,7 +239,14 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
         run.shuffle.manual_seed(epoch_seed(args.seed, index, epoch))
         description = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
         loss = train_epoch(
-            model, loader, optimizer, accelerator, cache=cache, description=description, progress=args.progress
+            model,
+            loader,
+            optimizer,
+            accelerator,
+            cache=cache,
+            description=description,
+            progress=args.progress,
+            before_batch=_switcher(run, phase, epoch, len(loader)),
         )
         record: dict[str, Any] = {"phase": phase.name, "epoch": epoch + 1, "train_loss": loss}
         if eval_loader is not None:

@@ -58,8 +58,10 @@ def scale_learning_rates_by_rgn(
     accelerator: Accelerator,
     learning_rate: float,
 ) -> None:
-    """Give each tensor's group `learning_rate` times its relative gradient norm over the largest one (Auto-RGN)."""
+    """Give the group of each tensor of `parameters` (one tensor per group, see `make_optimizer`) `learning_rate`
+    times its relative gradient norm over the largest one (Auto-RGN)."""
     norms = relative_gradient_norms(model, dataloader, parameters=parameters, accelerator=accelerator)
     largest = max(norms) or 1.0
-    for group, norm in zip(optimizer.param_groups, norms, strict=True):
-        group["lr"] = learning_rate * norm / largest
+    groups = {id(group["params"][0]): group for group in optimizer.param_groups}
+    for parameter, norm in zip(parameters, norms, strict=True):
+        groups[id(parameter)]["lr"] = learning_rate * norm / largest

@@ -4,9 +4,11 @@
 - `full`: tune every block (the adapter then holds deltas for the whole model);
 - `linear-probe`: tune the head only;
 - `lp-ft`: linear-probe the head first, then fine-tune the chosen blocks together with the head;
-- `alternate`: the chosen blocks one at a time, switching every epoch (one phase per epoch);
+- `alternate`: the chosen blocks one at a time, switching every epoch (one phase per epoch) or every k steps;
 - `gradual`: gradual unfreezing (Howard & Ruder 2018): the head, then one more chosen block per epoch towards the
   input.
+- `self-train`: a surgical teacher labels unlabelled target images, an ensemble of adapters keeps the confident
+  labels, and a student trains on the labelled plus the kept images;
 - `dp-linear-probe`: the head by NoisyGD on frozen features, differentially private (`surgical_peft.privacy`);
 - `dp-surgical`: the chosen blocks by DP-SGD with Opacus (no BatchNorm blocks), differentially private.
 
@@ -14,8 +16,9 @@ A strategy is an object with a `description` and `phases(args) -> list[Phase]` (
 `run(...)` runs itself instead of the loop's epochs. `STRATEGIES` finds them by module name.
 
 Example:
-    >>> STRATEGIES.names
-    ('alternate', 'dp-linear-probe', 'dp-surgical', 'full', 'gradual', 'linear-probe', 'lp-ft', 'surgical')
+    >>> STRATEGIES.names  # doctest: +NORMALIZE_WHITESPACE
+    ('alternate', 'dp-linear-probe', 'dp-surgical', 'full', 'gradual', 'linear-probe', 'lp-ft', 'self-train',
+     'surgical')
 """
 
 from ...registry import Registry

@@ -17,14 +17,17 @@ __all__ = ["Phase", "SelfRunningStrategy", "Strategy"]
 
 @dataclass(frozen=True)
 class Phase:
-    """One phase of a run: its name, the blocks it trains (`["all"]`: every block), its epochs and learning rate.
+    """One phase of a run: its name, the blocks it trains (`["all"]`: every block), its epochs and learning rate;
+    with `switch_every`, it trains its blocks one at a time, in turn, switching every `switch_every` optimizer steps.
 
-    Each phase gets its own optimizer (and DDP wrapper), since it trains other tensors."""
+    Each phase gets its own DDP wrapper, since it trains other tensors; consecutive phases at the same learning rate
+    share one optimizer (the AdamW state of a block carries on across them)."""
 
     name: str
     blocks: list[str]
     epochs: int
     learning_rate: float
+    switch_every: int | None = None
 
 
 class Strategy(Protocol):

@@ -2,8 +2,8 @@
 
 `blocks` are the blocks to unfreeze below the head, in forward order (input first, as `surgical_peft.list_blocks`
 lists them): epoch 1 trains the head, epoch 2 the head and the last of `blocks`, and so on; once every block is
-unfrozen, the remaining epochs train them all. One phase per stage, each with its own optimizer (the head's AdamW
-moments restart at each stage); the adapter holds every block.
+unfrozen, the remaining epochs train them all. One phase per stage, all with one optimizer (the head's AdamW moments
+carry on from stage to stage); the adapter holds every block.
 
 Example:
     >>> from surgical_peft.training import FineTuneArguments
