@@ -120,8 +120,9 @@ def test_self_training_through_main(model_dir: str, tmp_path: Path, capsys: pyte
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--unlabeled-n", "900"], "unlabeled_n=900 must be between 0 and what remains of the target data"),
-        (["--unlabeled-n", "900"], "so unlabeled_n can be at most 849"),
+        # your own model on digits: all 1,797 images are the target; 30 train and 20 evaluate
+        (["--unlabeled-n", "1800"], "unlabeled_n=1800 must be between 0 and what remains of the target data"),
+        (["--unlabeled-n", "1800"], "so unlabeled_n can be at most 1747"),
         (["--unlabeled-n", "-3"], "unlabeled_n=-3 must be between 0"),
         (["--unlabeled-n", "5", "--pseudo-label-threshold", "1.5"], "must be in [0, 1]"),
         (["--unlabeled-n", "5", "--pseudo-label-threshold", "nan"], "pseudo_label_threshold is a normalised entropy"),

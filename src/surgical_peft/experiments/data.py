@@ -315,7 +315,7 @@ def check_shift(shift: str) -> str:
 
 def _check_unlabeled_n(unlabeled_n: int, rows: int, train_n: int, eval_n: int | None) -> None:
     """An `InputError` unless `unlabeled_n` target images remain after the labelled and the eval images."""
-    held = train_n + max(eval_n or 1, 1)  # the eval split needs at least one image
+    held = train_n + (1 if eval_n is None else eval_n)  # a default eval split needs at least one image
     if unlabeled_n < 0 or held + unlabeled_n > rows:
         raise InputError(
             f"unlabeled_n={unlabeled_n} must be between 0 and what remains of the target data after the labelled "
@@ -371,7 +371,8 @@ def make_target(
     if not split_source and check_shift(shift) in SOURCE_SHIFTS:
         raise InputError(f"The {shift} shift defines a source and a target half: it needs split_source=True.")
     halves = split_source_target(dataset, shift, seed=seed) if split_source else {"target": dataset}
-    _check_unlabeled_n(unlabeled_n, halves["target"].num_rows, train_n, eval_n)
+    if unlabeled_n:  # (without it, split_target checks train_n and eval_n)
+        _check_unlabeled_n(unlabeled_n, halves["target"].num_rows, train_n, eval_n)
     target = dict(split_target(halves["target"], train_n + unlabeled_n, eval_n, seed=seed))
     if unlabeled_n:
         labelled = split_target(target["train"], train_n, unlabeled_n, seed=seed)
