@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +22,7 @@ from ._internals import (
     delete_auxiliary_adapter,
     set_auxiliary_adapter,
 )
+from .checkpointing import compose
 from .config import SurgicalConfig
 from .fingerprint import check_fingerprint, fingerprint
 from .layer import SurgicalLayer, owned_tensors
@@ -280,6 +282,13 @@ class SurgicalModel(BaseTuner):
         super().train(mode)
         self._set_norm_modes(self._training_modules(self._loaded_adapter))
         return self
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT enters this around every forward pass of an enabled adapter: there gradient checkpointing is made to
+        spare the frozen prefix (`checkpointing.compose`), once PEFT's `get_peft_model` has set it up."""
+        compose(self.model)
+        yield
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make `adapter_name` the active adapter: its weights go into the model, the previous ones to the CPU."""
