@@ -54,6 +54,15 @@ def owned_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, module.get_buffer(name)
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several (torch.distributed)."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
 def _offloaded_copy(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU copies of `tensors`, memory-mapped from an unlinked temporary file (a plain copy if that fails)."""
     try:
@@ -148,7 +157,8 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         weights this run continues from. `base + (tuned - base)` is `tuned` only up to rounding (one unit in the last
         place where a weight shrank by half or changed sign), and training amplifies such differences. Done when it
         is a rounding only: for the loaded adapter, every delta in its tensor's dtype, and `live` (the state dict that
-        was saved) the module's own tensors, not gathered FSDP or DeepSpeed shards.
+        was saved) the module's own tensors, not gathered FSDP or DeepSpeed shards; and in a single process (under
+        DDP only the main process saves, and replicas must not drift apart).
 
         Example:
             >>> linear = torch.nn.Linear(1, 1)
@@ -164,11 +174,15 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
             True
         """
         own = self._live()
-        if adapter_name != self.loaded or any(
-            saved[name].dtype != tensor.dtype
-            or live.get(name, tensor).data_ptr() != tensor.data_ptr()
-            or live.get(name, tensor).shape != tensor.shape
-            for name, tensor in own.items()
+        if (
+            adapter_name != self.loaded
+            or _distributed()
+            or any(
+                saved[name].dtype != tensor.dtype
+                or live.get(name, tensor).data_ptr() != tensor.data_ptr()
+                or live.get(name, tensor).shape != tensor.shape
+                for name, tensor in own.items()
+            )
         ):
             return
         self.set_delta(adapter_name, saved)
