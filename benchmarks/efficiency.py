@@ -19,8 +19,8 @@ same blocks and LoRA (r=8 on every Conv2d and Linear), this measures:
 - on CPU, for ResNet-50, each configuration's step time alone in a fresh process with the default allocator;
 - with `--checkpointing` (only these rows, spliced into the report): gradient checkpointing enabled before
   `get_peft_model`, as PEFT's guides do, against the same configurations without it, for ViT-B/16 (transformers'
-  ResNet does not support checkpointing) at batch 8: the peak memory and the step time alone, each in a fresh
-  process, every configuration measured `--repeats` times (medians reported).
+  ResNet does not support checkpointing) at batch 8: the peak memory, then the step time, in a fresh process per
+  run, every configuration run `--repeats` times in turn (medians reported, the report rewritten after each round).
 
 Every figure is also given as a ratio to full fine-tuning measured in the same run. Frozen BatchNorm layers run in
 eval mode in every configuration (the surgical tuner does it; hand-written freezing and LoRA are set up the same way);
@@ -103,7 +103,7 @@ SCHEDULES = {
     "resnet50": Schedule(warmup=2, epoch=8),
     "vit_b16": Schedule(warmup=1, epoch=6),
     "quick": Schedule(warmup=1, epoch=3),
-    "checkpointing": Schedule(warmup=1, epoch=4),
+    "checkpointing": Schedule(warmup=1, epoch=3),
 }
 
 
@@ -496,12 +496,10 @@ def measure_times(
     return timings
 
 
-def measure_fresh_steps(
-    config: Config, schedule: Schedule, quick: bool, device: torch.device, batch_size: int = BATCH_SIZE
-) -> Timing:
+def measure_fresh_steps(config: Config, schedule: Schedule, quick: bool, device: torch.device) -> Timing:
     """Step times of one configuration alone in a fresh process, with the allocator as a user's process has it
     (glibc's defaults on CPU): what a user who trains only this configuration sees, load and all."""
-    batches = make_batches(schedule.epoch, quick, device, batch_size)
+    batches = make_batches(schedule.epoch, quick, device)
     trainee = Trainee(config, build_model(config.arch, quick, device))
     for _ in range(schedule.warmup):
         trainee.step(batches[0])
@@ -558,27 +556,39 @@ class CheckpointingRow:
         return statistics.median(self.steps)
 
 
-def _peak_only(config: Config, quick: bool, device: torch.device, batch_size: int) -> int:
-    return measure_peak(config, quick, device, batch_size)[2]
+def measure_peak_and_steps(config: Config, schedule: Schedule, quick: bool, device: torch.device) -> tuple[int, float]:
+    """The peak memory of the first `MEMORY_STEPS` steps, then, with freed memory kept for reuse, the median of
+    `schedule.epoch` steps after `schedule.warmup` more (call in a fresh process)."""
+    trainee, batches, peak = measure_peak(config, quick, device, CHECKPOINTING_BATCH_SIZE)
+    keep_freed_memory(device)
+    for _ in range(schedule.warmup):
+        trainee.step(batches[0])
+    wall: list[float] = []
+    for index in range(schedule.epoch):
+        with timed(device, wall, []):
+            trainee.step(batches[index % len(batches)])
+    return peak, statistics.median(wall)
 
 
 def measure_checkpointing(
-    arch: str, repeats: int, threads: int, quick: bool, device: torch.device
+    arch: str, args: argparse.Namespace, device: torch.device, report: Callable[[list[CheckpointingRow]], None]
 ) -> list[CheckpointingRow]:
-    """`CHECKPOINTING_BLOCKS[arch]` with and without gradient checkpointing, all in turn, `repeats` times: the peak
-    memory and the step times alone, each in a fresh process."""
+    """`CHECKPOINTING_BLOCKS[arch]` with and without gradient checkpointing, all in turn, `args.repeats` times, each
+    run in a fresh process; `report` is called with the rows after every round."""
     rows = [
         CheckpointingRow(Config(arch, "full" if block is None else "surgical", block, checkpointing), [], [])
         for block in CHECKPOINTING_BLOCKS[arch]
         for checkpointing in (False, True)
     ]
-    schedule = SCHEDULES["quick" if quick else "checkpointing"]
-    for _ in tqdm(range(repeats), desc=f"{arch}: checkpointing runs"):
+    schedule = SCHEDULES["quick" if args.quick else "checkpointing"]
+    for _ in tqdm(range(args.repeats), desc=f"{arch}: checkpointing runs"):
         for row in rows:
-            batch = CHECKPOINTING_BATCH_SIZE
-            row.peaks.append(in_fresh_process(threads, device, _peak_only, row.config, quick, device, batch))
-            timing = in_fresh_process(threads, device, measure_fresh_steps, row.config, schedule, quick, device, batch)
-            row.steps.append(timing.step)
+            peak, step = in_fresh_process(
+                args.threads, device, measure_peak_and_steps, row.config, schedule, args.quick, device
+            )
+            row.peaks.append(peak)
+            row.steps.append(step)
+        report(rows)
     return rows
 
 
@@ -599,11 +609,11 @@ def checkpointing_section(rows: list[CheckpointingRow], args: argparse.Namespace
         f"`python benchmarks/efficiency.py {' '.join(sys.argv[1:])}`: {ARCHS[full.config.arch]}, batch "
         f"{CHECKPOINTING_BATCH_SIZE}, AdamW, {args.threads} threads; checkpointing is enabled as PEFT's guides do, "
         "`model.gradient_checkpointing_enable()` (transformers' default: non-reentrant) before `get_peft_model`. "
-        f"Each figure is the median of {args.repeats} runs (their range in brackets), every run of every "
-        "configuration in a fresh process, the configurations in turn: the step alone (the median of "
-        f"{schedule.epoch} steps after {schedule.warmup} warm-up, glibc's default allocator) and the peak memory of "
-        f"{MEMORY_STEPS} steps, measured as above. Load average (1 min) while it ran: {min(loads):.1f} to "
-        f"{max(loads):.1f}, under `nice` on a shared machine.",
+        f"Each figure is the median of {len(full.steps)} runs (their range in brackets), every run of every "
+        "configuration in a fresh process, the configurations in turn: the peak memory of its first "
+        f"{MEMORY_STEPS} steps, measured as above, then the median of {schedule.epoch} steps after {schedule.warmup} "
+        "more, with freed memory kept for reuse (as in the interleaved timing). Load average (1 min) while it ran: "
+        f"{min(loads):.1f} to {max(loads):.1f}, under `nice` on a shared machine.",
         "",
         "| configuration | step s | step: with / without checkpointing | peak memory MB | peak memory: with / "
         "without | peak memory % of full fine-tuning |",
@@ -894,11 +904,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.checkpointing:
         loads = [os.getloadavg()[0]]
-        rows = []
-        for arch in (arch for arch in args.arch if arch in CHECKPOINTING_BLOCKS):
-            rows += measure_checkpointing(arch, args.repeats, args.threads, args.quick, device)
+
+        def report(rows: list[CheckpointingRow]) -> None:  # after every round: a stopped run keeps what it measured
             loads.append(os.getloadavg()[0])
-        print(write_checkpointing_report(rows, args, loads))
+            print(write_checkpointing_report(rows, args, loads), file=sys.stderr)
+
+        measure_checkpointing("vit_b16", args, device, report)
         return
 
     start, loads, rows = time.perf_counter(), [os.getloadavg()[0]], []
