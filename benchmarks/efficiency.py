@@ -16,7 +16,11 @@ same blocks and LoRA (r=8 on every Conv2d and Linear), this measures:
   distinct batches), and with `surgical_peft.features.FeatureCache` the epoch that fills the cache and the next one,
   which uses it. A variant of some surgical configurations runs the frozen prefix under `torch.no_grad()`, to show
   whether that would buy anything over plain autograd;
-- on CPU, for ResNet-50, each configuration's step time alone in a fresh process with the default allocator.
+- on CPU, for ResNet-50, each configuration's step time alone in a fresh process with the default allocator;
+- with `--checkpointing` (only these rows, spliced into the report): gradient checkpointing enabled before
+  `get_peft_model`, as PEFT's guides do, against the same configurations without it, for ViT-B/16 (transformers'
+  ResNet does not support checkpointing) at batch 8: the peak memory, then the step time, in a fresh process per
+  run, every configuration run `--repeats` times in turn (medians reported, the report rewritten after each round).
 
 Every figure is also given as a ratio to full fine-tuning measured in the same run. Frozen BatchNorm layers run in
 eval mode in every configuration (the surgical tuner does it; hand-written freezing and LoRA are set up the same way);
@@ -26,6 +30,7 @@ Usage:
     python benchmarks/efficiency.py                  # the full run (about 30 minutes on 2 otherwise idle cores)
     python benchmarks/efficiency.py --quick          # tiny models, a few steps: a smoke test
     python benchmarks/efficiency.py --device cuda    # on a GPU (timings synchronised, peak allocated memory)
+    python benchmarks/efficiency.py --checkpointing  # only the gradient checkpointing rows (about 20 minutes)
 """
 
 from __future__ import annotations
@@ -80,6 +85,10 @@ NO_GRAD = {"resnet50": {"stage4", "head"}, "vit_b16": {"layer12", "head"}}
 CACHED = {"resnet50": {"stage1", "stage2", "stage3", "stage4", "head"}, "vit_b16": {"layer12", "norm", "head"}}
 # On CPU, also timed alone in a fresh process each, with glibc's default allocator (as a user runs them).
 ALONE = {"resnet50"}
+# Gradient checkpointing (--checkpointing): the blocks (None: full fine-tuning), at issue 11's batch size.
+CHECKPOINTING_BLOCKS = {"vit_b16": [None, "layer1", "head"]}
+CHECKPOINTING_BATCH_SIZE = 8
+CHECKPOINTING_SECTION = "## Gradient checkpointing"
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,7 @@ SCHEDULES = {
     "resnet50": Schedule(warmup=2, epoch=8),
     "vit_b16": Schedule(warmup=1, epoch=6),
     "quick": Schedule(warmup=1, epoch=3),
+    "checkpointing": Schedule(warmup=1, epoch=3),
 }
 
 
@@ -104,11 +114,13 @@ class Config:
     arch: str
     method: str  # "full", "surgical", "hand" (hand-written requires_grad freezing) or "lora"
     block: str | None = None
+    checkpointing: bool = False  # `gradient_checkpointing_enable()` on the model first, as PEFT's guides do
 
     @property
     def name(self) -> str:
         names = {"full": "full fine-tuning", "surgical": "surgical", "hand": "hand-written", "lora": "LoRA r=8"}
-        return names[self.method] + (f" `{self.block}`" if self.block else "")
+        checkpointing = " + checkpointing" if self.checkpointing else ""
+        return names[self.method] + (f" `{self.block}`" if self.block else "") + checkpointing
 
 
 @dataclass
@@ -167,15 +179,15 @@ def build_model(arch: str, quick: bool, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def make_batches(count: int, quick: bool, device: torch.device) -> list[Batch]:
+def make_batches(count: int, quick: bool, device: torch.device, batch_size: int = BATCH_SIZE) -> list[Batch]:
     """`count` distinct batches of random images and labels (2 classes, as `ResNetConfig()` and `ViTConfig()`)."""
     size = 32 if quick else 224
     generator = torch.Generator().manual_seed(1)
     return [
         Batch(
-            torch.randn(BATCH_SIZE, 3, size, size, generator=generator).to(device),
-            torch.randint(0, 2, (BATCH_SIZE,), generator=generator).to(device),
-            list(range(index * BATCH_SIZE, (index + 1) * BATCH_SIZE)),
+            torch.randn(batch_size, 3, size, size, generator=generator).to(device),
+            torch.randint(0, 2, (batch_size,), generator=generator).to(device),
+            list(range(index * batch_size, (index + 1) * batch_size)),
         )
         for index in range(count)
     ]
@@ -201,6 +213,8 @@ class Trainee:
     @staticmethod
     def _prepare(config: Config, model: nn.Module) -> nn.Module:
         model.train()
+        if config.checkpointing:
+            model.gradient_checkpointing_enable()
         if config.method == "full":
             return model
         if config.method == "surgical":
@@ -351,19 +365,29 @@ def count_flops(trainee: Trainee, batch: Batch, around_forward: AbstractContextM
     return counter.get_total_flops()
 
 
-def measure_footprint(config: Config, cached: bool, quick: bool, device: torch.device) -> Footprint:
-    """Peak memory of `MEMORY_STEPS` training steps, sizes and FLOPs per step, also for a step from the feature cache
-    if `cached` (call in a fresh process)."""
+def measure_peak(
+    config: Config, quick: bool, device: torch.device, batch_size: int = BATCH_SIZE
+) -> tuple[Trainee, list[Batch], int]:
+    """The trainee, its batches and the peak memory of its first `MEMORY_STEPS` training steps (call in a fresh
+    process)."""
     memory = Memory(device)
-    batches = make_batches(MEMORY_STEPS, quick, device)
+    batches = make_batches(MEMORY_STEPS, quick, device, batch_size)
     model = build_model(config.arch, quick, device)
     memory.reset()
     trainee = Trainee(config, model)
     for batch in batches:
         trainee.step(batch)
+    return trainee, batches, memory.peak()
+
+
+def measure_footprint(config: Config, cached: bool, quick: bool, device: torch.device) -> Footprint:
+    """Peak memory of `MEMORY_STEPS` training steps, sizes and FLOPs per step, also for a step from the feature cache
+    if `cached` (call in a fresh process)."""
+    trainee, batches, peak = measure_peak(config, quick, device)
+    model = trainee.model
     footprint = Footprint(
         trainable_params=sum(p.numel() for p in trainee.parameters),
-        peak_memory=memory.peak(),
+        peak_memory=peak,
         optimizer_bytes=sum(
             t.numel() * t.element_size()
             for state in trainee.optimizer.state.values()
@@ -512,6 +536,152 @@ def in_fresh_process(threads: int, device: torch.device, function: Callable[...,
     if result is None or process.exitcode != 0:
         raise RuntimeError(f"{function.__name__}{args} failed (exit {process.exitcode}); its error is above.")
     return result
+
+
+# ---------------------------------------------------------------------------------------- gradient checkpointing
+@dataclass
+class CheckpointingRow:
+    """One configuration's measurements, one per run, each in a fresh process."""
+
+    config: Config
+    peaks: list[int]  # peak memory of each run (bytes)
+    steps: list[float]  # median step of each run (seconds)
+
+    @property
+    def peak(self) -> float:
+        return statistics.median(self.peaks)
+
+    @property
+    def step(self) -> float:
+        return statistics.median(self.steps)
+
+
+def measure_peak_and_steps(config: Config, schedule: Schedule, quick: bool, device: torch.device) -> tuple[int, float]:
+    """The peak memory of the first `MEMORY_STEPS` steps, then, with freed memory kept for reuse, the median of
+    `schedule.epoch` steps after `schedule.warmup` more (call in a fresh process)."""
+    trainee, batches, peak = measure_peak(config, quick, device, CHECKPOINTING_BATCH_SIZE)
+    keep_freed_memory(device)
+    for _ in range(schedule.warmup):
+        trainee.step(batches[0])
+    wall: list[float] = []
+    for index in range(schedule.epoch):
+        with timed(device, wall, []):
+            trainee.step(batches[index % len(batches)])
+    return peak, statistics.median(wall)
+
+
+def measure_checkpointing(
+    arch: str, args: argparse.Namespace, device: torch.device, report: Callable[[list[CheckpointingRow]], None]
+) -> list[CheckpointingRow]:
+    """`CHECKPOINTING_BLOCKS[arch]` with and without gradient checkpointing, all in turn, `args.repeats` times, each
+    run in a fresh process; `report` is called with the rows after every round."""
+    rows = [
+        CheckpointingRow(Config(arch, "full" if block is None else "surgical", block, checkpointing), [], [])
+        for block in CHECKPOINTING_BLOCKS[arch]
+        for checkpointing in (False, True)
+    ]
+    schedule = SCHEDULES["quick" if args.quick else "checkpointing"]
+    for _ in tqdm(range(args.repeats), desc=f"{arch}: checkpointing runs"):
+        for row in rows:
+            peak, step = in_fresh_process(
+                args.threads, device, measure_peak_and_steps, row.config, schedule, args.quick, device
+            )
+            row.peaks.append(peak)
+            row.steps.append(step)
+        report(rows)
+    return rows
+
+
+def _spread(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    """The median with the range over runs, e.g. `0.985 (0.962-1.004)`."""
+    median, low, high = (value / scale for value in (statistics.median(values), min(values), max(values)))
+    return f"{median:,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
+
+
+def checkpointing_section(rows: list[CheckpointingRow], args: argparse.Namespace, loads: list[float]) -> list[str]:
+    """The report's gradient checkpointing section: the rows, and issue 11's targets against them."""
+    by_key = {(row.config.block, row.config.checkpointing): row for row in rows}
+    full = by_key[None, False]
+    schedule = SCHEDULES["quick" if args.quick else "checkpointing"]
+    lines = [
+        CHECKPOINTING_SECTION,
+        "",
+        f"`python benchmarks/efficiency.py {' '.join(sys.argv[1:])}`: {ARCHS[full.config.arch]}, batch "
+        f"{CHECKPOINTING_BATCH_SIZE}, AdamW, {args.threads} threads; checkpointing is enabled as PEFT's guides do, "
+        "`model.gradient_checkpointing_enable()` (transformers' default: non-reentrant) before `get_peft_model`. "
+        f"Each figure is the median of {len(full.steps)} runs (their range in brackets), every run of every "
+        "configuration in a fresh process, the configurations in turn: the peak memory of its first "
+        f"{MEMORY_STEPS} steps, measured as above, then the median of {schedule.epoch} steps after {schedule.warmup} "
+        "more, with freed memory kept for reuse (as in the interleaved timing). Load average (1 min) while it ran: "
+        f"{min(loads):.1f} to {max(loads):.1f}, under `nice` on a shared machine.",
+        "",
+        "| configuration | step s | step: with / without checkpointing | peak memory MB | peak memory: with / "
+        "without | peak memory % of full fine-tuning |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        own = by_key[row.config.block, False]
+        cells = [
+            row.config.name,
+            _spread(row.steps),
+            f"{row.step / own.step:.2f}x",
+            _spread(row.peaks, 2**20, 1),
+            f"{100 * row.peak / own.peak:.0f}%",
+            f"{100 * row.peak / full.peak:.0f}%",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    head, head_ckpt = by_key.get(("head", False)), by_key.get(("head", True))
+    early, early_ckpt = by_key.get(("layer1", False)), by_key.get(("layer1", True))
+    checks = []
+    if head and head_ckpt:
+        checks += [
+            ("`head` with checkpointing: step <= 1.1x without", head_ckpt.step / head.step, 1.1, "x"),
+            ("`head` with checkpointing: peak memory <= 105% of without", 100 * head_ckpt.peak / head.peak, 105, "%"),
+        ]
+    if early and early_ckpt:
+        checks += [
+            (
+                "`layer1` with checkpointing: peak memory <= 35% of full fine-tuning's",
+                100 * early_ckpt.peak / full.peak,
+                35,
+                "%",
+            ),
+            ("`layer1` with checkpointing: step <= 1.4x without", early_ckpt.step / early.step, 1.4, "x"),
+        ]
+    lines += ["", "Targets (issue 11):", ""]
+    lines += [
+        f"- {text}: {value:.2f}{unit} -> {'holds' if value <= limit else 'MISSED'}"
+        for text, value, limit, unit in checks
+    ]
+    return lines
+
+
+def _checkpointing_section_of(path: Path) -> str:
+    """The gradient checkpointing section of the report at `path` ("" if none): a full run keeps it."""
+    text = path.read_text() if path.exists() else ""
+    start = text.find(CHECKPOINTING_SECTION)
+    return "" if start < 0 else "\n" + text[start:]
+
+
+def write_checkpointing_report(rows: list[CheckpointingRow], args: argparse.Namespace, loads: list[float]) -> str:
+    """Put the gradient checkpointing section into the report (replacing an older one; the rest is kept), and the
+    measurements of every run into their own CSV."""
+    stem = RESULTS / f"efficiency_{args.device}{'_quick' if args.quick else ''}"
+    path = stem.with_suffix(".md")
+    text = path.read_text() if path.exists() else f"# Efficiency benchmark ({args.device})\n"
+    start = text.find(CHECKPOINTING_SECTION)
+    rest = (text if start < 0 else text[:start]).rstrip() + "\n"
+    section = "\n".join(checkpointing_section(rows, args, loads)) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(rest + "\n" + section)
+    with stem.with_name(f"{stem.name}_checkpointing.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["arch", "method", "block", "checkpointing", "run", "peak_memory", "step"])
+        for row in rows:
+            for run, (peak, step) in enumerate(zip(row.peaks, row.steps, strict=True)):
+                config = row.config
+                writer.writerow([config.arch, config.method, config.block, config.checkpointing, run, peak, step])
+    return section
 
 
 # ------------------------------------------------------------------------------------------------- the report
@@ -704,7 +874,7 @@ def write_report(rows: list[Row], args: argparse.Namespace, seconds: float, load
     report = "\n".join(lines) + "\n"
     stem = RESULTS / f"efficiency_{args.device}{'_quick' if args.quick else ''}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(report)
+    stem.with_suffix(".md").write_text(report + _checkpointing_section_of(stem.with_suffix(".md")))
     records = []
     for row in rows:
         timing = {key: value for key, value in asdict(row.timing).items() if key not in ("steps", "cpu")}
@@ -728,8 +898,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(
             f"--{arch}-blocks", nargs="+", help=f"blocks to tune (default: {' '.join(BLOCKS[arch])}; quick: fewer)"
         )
+    parser.add_argument("--checkpointing", action="store_true", help="only the gradient checkpointing rows")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration with --checkpointing")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.checkpointing:
+        loads = [os.getloadavg()[0]]
+
+        def report(rows: list[CheckpointingRow]) -> None:  # after every round: a stopped run keeps what it measured
+            loads.append(os.getloadavg()[0])
+            print(write_checkpointing_report(rows, args, loads), file=sys.stderr)
+
+        measure_checkpointing("vit_b16", args, device, report)
+        return
 
     start, loads, rows = time.perf_counter(), [os.getloadavg()[0]], []
     for arch in args.arch:

@@ -1,7 +1,8 @@
-"""Every private (or undocumented) PEFT and PyTorch internal the tuner relies on, in one place.
+"""Every private (or undocumented) PEFT, transformers and PyTorch internal the tuner relies on, in one place.
 
 PEFT's tuner API below 1.0 changes between minor releases (hence `peft>=0.21,<0.22` in `pyproject.toml`): on an
-upgrade, this module is what to audit. Each name says what the tuner uses it for.
+upgrade, this module is what to audit. Each name says what the tuner uses it for. One more is a name the tuner
+defines rather than uses: `SurgicalModel._enable_peft_forward_hooks`, which PEFT's `PeftModel.forward` enters.
 
 Example:
     >>> from torch import nn
@@ -35,7 +36,9 @@ __all__ = [
     "BaseTunerLayer",
     "NoMatchingPeftModuleError",
     "add_peft_type",
+    "checkpoints_non_reentrant",
     "delete_auxiliary_adapter",
+    "holds_input_require_grads",
     "in_out_features",
     "persistent_buffer_names",
     "quiet_get_peft_model",
@@ -70,6 +73,20 @@ def persistent_buffer_names(module: nn.Module) -> Iterator[str]:
     for name, _ in module.named_buffers(recurse=False):
         if name not in module._non_persistent_buffers_set:
             yield name
+
+
+def holds_input_require_grads(model: nn.Module) -> bool:
+    """Whether transformers' `enable_input_require_grads` hooks are on `model` (its private `_require_grads_hooks`,
+    which `disable_input_require_grads` removes)."""
+    return bool(getattr(model, "_require_grads_hooks", None))
+
+
+def checkpoints_non_reentrant(layer: nn.Module) -> bool:
+    """Whether `layer`, a transformers layer with checkpointing enabled, checkpoints with `use_reentrant=False`: its
+    private `_gradient_checkpointing_func` is `functools.partial(checkpoint, **gradient_checkpointing_kwargs)`, and
+    `torch.utils.checkpoint` is reentrant unless told otherwise."""
+    function = getattr(layer, "_gradient_checkpointing_func", None)
+    return isinstance(function, functools.partial) and function.keywords.get("use_reentrant") is False
 
 
 def add_peft_type(name: str) -> PeftType:

@@ -58,6 +58,15 @@ def owned_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, module.get_buffer(name)
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several (torch.distributed)."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
 def _offloaded_copy(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU copies of `tensors`, memory-mapped from an unlinked temporary file (a plain copy if that fails)."""
     try:
@@ -150,6 +159,44 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         """`base + delta_a + delta_b + ...` of stashed (or untrained) adapters, on the CPU."""
         tuned = [self.stashed.get(name, self.base) for name in adapter_names]
         return {name: base + sum(weights[name] - base for weights in tuned) for name, base in self.base.items()}
+
+    def hold_saved(
+        self, adapter_name: str, saved: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Give the module exactly the weights that loading `saved` (the deltas just saved for `adapter_name`) gives
+        back, so that a run resumed from the file (`Trainer(resume_from_checkpoint=...)`) continues from the very
+        weights this run continues from. `base + (tuned - base)` is `tuned` only up to rounding (one unit in the last
+        place where a weight shrank by half or changed sign), and training amplifies such differences. Done when it
+        is a rounding only: for the loaded adapter, every delta in its tensor's dtype, and `live` (the state dict that
+        was saved) the module's own tensors, not gathered FSDP or DeepSpeed shards; and in a single process (under
+        DDP only the main process saves, and replicas must not drift apart).
+
+        Example:
+            >>> linear = torch.nn.Linear(1, 1)
+            >>> _ = torch.nn.init.ones_(linear.weight)
+            >>> layer = SurgicalLayer(linear)
+            >>> layer.add_adapter("a"); layer.load("a")
+            >>> _ = torch.nn.init.constant_(linear.weight, 0.1)
+            >>> saved = layer.delta("a")  # 0.1 - 1, and 1 + (0.1 - 1) is not 0.1 in float32
+            >>> bool(torch.equal(layer.base["weight"] + saved["weight"], linear.weight))
+            False
+            >>> layer.hold_saved("a", saved, dict(owned_tensors(linear)))
+            >>> bool(torch.equal(layer.base["weight"] + saved["weight"], linear.weight))
+            True
+        """
+        own = self._live()
+        if (
+            (adapter_name,) != self.loaded  # (a sum of several adapters is for inference, never trained)
+            or _distributed()
+            or any(
+                saved[name].dtype != tensor.dtype
+                or live.get(name, tensor).data_ptr() != tensor.data_ptr()
+                or live.get(name, tensor).shape != tensor.shape
+                for name, tensor in own.items()
+            )
+        ):
+            return
+        self.set_delta(adapter_name, saved)
 
     @torch.no_grad()
     def _write(self, values: Mapping[str, torch.Tensor]) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +22,7 @@ from ._internals import (
     delete_auxiliary_adapter,
     set_auxiliary_adapter,
 )
+from .checkpointing import compose
 from .config import SurgicalConfig
 from .fingerprint import check_fingerprint, fingerprint
 from .layer import SurgicalLayer, owned_tensors
@@ -326,6 +328,13 @@ class SurgicalModel(BaseTuner):
         self._set_norm_modes(list(self._training_modules(self._loaded_adapters)))
         return self
 
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT enters this around every forward pass of an enabled adapter: there gradient checkpointing is made to
+        spare the frozen prefix (`checkpointing.compose`), once PEFT's `get_peft_model` has set it up."""
+        compose(self.model)
+        yield
+
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make `adapter_name` the active adapter(s): their weights go into the model, the others' to the CPU.
 
@@ -549,9 +558,11 @@ class SurgicalModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """The deltas of `adapter_name` (tuned - base), parameters in `config.delta_dtype`. Buffers (BatchNorm running
         statistics) keep their dtype: they are tiny, and a shift can move a running variance by orders of magnitude,
-        which bf16 deltas round badly (measured in benchmarks/shifts.py)."""
+        which bf16 deltas round badly (measured in benchmarks/shifts.py). With deltas in the weights' own dtype, the
+        model is then rounded to exactly what loading them gives (`SurgicalLayer.hold_saved`), so that a checkpoint
+        resumes bit-identically."""
         tuner = cls._tuner_of(model)
-        deltas, parameters = {}, set()
+        deltas, parameters, lives = {}, set(), {}
         for path in tuner._adapter_modules[adapter_name]:
             layer = tuner._layer(path)
             # Under FSDP or DeepSpeed the gathered `state_dict` holds the full tensors; the module may hold shards.
@@ -560,6 +571,7 @@ class SurgicalModel(BaseTuner):
                 for name in layer.base
                 if f"{KEY_PREFIX}{path}.{name}" in state_dict
             }
+            lives[path] = live
             for name, delta in layer.delta(adapter_name, live).items():
                 deltas[f"{KEY_PREFIX}{path}.{name}"] = delta
                 if name in layer.module._parameters and delta.is_floating_point():
@@ -576,6 +588,9 @@ class SurgicalModel(BaseTuner):
                 f"Adapter {adapter_name!r} was not saved: its deltas overflow delta_dtype={config.delta_dtype!r} in "
                 f"{', '.join(overflowed[:3])}. Use delta_dtype='bfloat16' (float32's range) or None."
             )
+        for path, live in lives.items():
+            layer = tuner._layer(path)
+            layer.hold_saved(adapter_name, {name: result[f"{KEY_PREFIX}{path}.{name}"] for name in layer.base}, live)
         return result
 
     @classmethod
