@@ -7,7 +7,7 @@ charted (see `surgical_peft.experiments.demo`).
 With arguments, runs one fine-tuning, on one CPU or, under `accelerate launch`, on several devices:
 
     python examples/train.py --block stage1 --shift fog --train-n 200 --epochs 10
-    python examples/train.py --model microsoft/resnet-18 --dataset ./my_images --shift none --block stage1
+    python examples/train.py --model microsoft/resnet-18 --dataset ./my_images --block stage1
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/train.py --block stage1
     python examples/train.py --block stage1 --push-to-hub --hub-model-id me/resnet-stage1-fog
 
@@ -21,11 +21,12 @@ import sys
 
 from surgical_peft.cli.recipe import add_training_arguments, print_summary, run_training
 from surgical_peft.errors import SurgicalPeftError
-from surgical_peft.experiments.demo import demo
 
 
 def main() -> None:
     if len(sys.argv) == 1:
+        from surgical_peft.experiments.demo import demo  # imported here, so that --help answers at once
+
         demo()
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
