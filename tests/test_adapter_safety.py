@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft.utils.error import NoMatchingPeftModuleError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -440,6 +441,15 @@ def test_tampered_config_refused_by_peft_model_before_any_change(
         PeftModel.from_pretrained(base, tmp_path)  # PEFT reads the file before any tuner code runs
     assert str(error.value).startswith(str(tmp_path / CONFIG))
     assert_untouched(base, before)
+
+
+def test_a_config_that_excludes_its_own_block_names_the_adapter(
+    trained: Callable[..., PeftModel], make_model: Callable[..., nn.Module], tmp_path: Path
+) -> None:
+    trained().save_pretrained(tmp_path)
+    edit_config(tmp_path, exclude_modules=["resnet.encoder.stages.0"])
+    with pytest.raises(NoMatchingPeftModuleError, match=f"No modules were targeted.*the config of {tmp_path}"):
+        PeftModel.from_pretrained(make_model("resnet-basic"), tmp_path)
 
 
 def test_other_methods_adapters_load_as_before(tmp_path: Path) -> None:

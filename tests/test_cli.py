@@ -95,7 +95,8 @@ def test_errors_exit_with_status_2_and_one_line(
     assert main(["blocks", str(image_folder / "dark" / "0.png")]) == 2
     assert "0.png': it is a file, not a directory." in capsys.readouterr().err
     rank = ["rank", str(model_dir), str(image_folder)]
-    for bad in (["nonsense"], [*rank, "--shift", "fire"], ["blocks"], [*rank, "--image-size", "0"]):
+    sizes = [[*rank, "--image-size", size] for size in ("0", "10" * 6)]
+    for bad in (["nonsense"], [*rank, "--shift", "fire"], ["blocks"], *sizes):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
         assert exit_info.value.code == 2

@@ -100,18 +100,21 @@ def test_extending_a_finished_run_gives_the_longer_run(
     model_dir: str, reference: dict[bool, Path], tmp_path: Path
 ) -> None:
     output = tmp_path / "run"
-    strays = [output / "checkpoints" / ".DS_Store", output / "checkpoints" / "checkpoint_backup" / "notes.txt"]
+    strays = [output / "checkpoints" / name for name in (".DS_Store", "checkpoint_backup/notes.txt")]
+    strays.append(output / "checkpoints" / "checkpoint_7" / "notes.txt")  # a checkpoint's name, a user's file
     for stray in strays:  # what a user (or Finder) leaves there is ignored and kept
         stray.parent.mkdir(parents=True, exist_ok=True)
         stray.write_text("mine")
-    assert main(train_argv(model_dir, output, epochs=1)) == 0
-    assert main(train_argv(model_dir, output, epochs=2)) == 0
+    with pytest.warns(UserWarning, match=r"checkpoint_7 holds files no checkpoint writes \(notes\.txt\): left alone"):
+        assert main(train_argv(model_dir, output, epochs=1)) == 0
+        assert main(train_argv(model_dir, output, epochs=2)) == 0
 
     assert_identical(output, reference[False])
     assert all(stray.read_text() == "mine" for stray in strays)
     assert sorted(path.name for path in (output / "checkpoints").iterdir()) == [
         ".DS_Store",
         "checkpoint_1",
+        "checkpoint_7",
         "checkpoint_backup",
     ]
 

@@ -27,18 +27,20 @@ MODEL_HELP = (
 )
 
 
-def whole_number(low: int) -> Callable[[str], int]:
-    """An `argparse` type: a whole number of at least `low`, or a message saying so.
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An `argparse` type: a whole number of at least `low` (and at most `high`), or a message saying so.
 
     Example:
-        >>> whole_number(1)("3")
-        3
+        >>> whole_number(1)("3"), whole_number(1, 10)("10")
+        (3, 10)
     """
+    bounds = f"of at least {low}" if high is None else f"from {low} to {high}"
 
     def parse(value: str) -> int:
-        if not value.strip().lstrip("+-").isdigit() or int(value) < low:
-            raise argparse.ArgumentTypeError(f"must be a whole number of at least {low}, got {value!r}")
-        return int(value)
+        number = int(value) if value.strip().lstrip("+-").isdigit() else None
+        if number is None or number < low or (high is not None and number > high):
+            raise argparse.ArgumentTypeError(f"must be a whole number {bounds}, got {value!r}")
+        return number
 
     return parse
 

@@ -6,7 +6,8 @@ From the first epoch on, a complete checkpoint exists at every instant, whenever
 written, flushed to disk (fsync), marked complete by its progress file (written to a temporary file, flushed and
 renamed into place), and only then are the older ones deleted. A rerun resumes from the newest complete checkpoint;
 incomplete ones (no progress file) are never read, and entries of `checkpoints/` that are not `checkpoint_<n>`
-directories (`.DS_Store`, a `checkpoint_backup/` of the user's) are left alone.
+directories (`.DS_Store`, a `checkpoint_backup/` of the user's) are left alone, as is a `checkpoint_<n>` directory
+holding anything a checkpoint does not (a user's `notes.txt`: a warning says so).
 
 Example:
     >>> import tempfile
@@ -24,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,12 @@ __all__ = ["Progress", "latest_checkpoint", "load_checkpoint", "save_checkpoint"
 
 _PROGRESS_FILE = "progress.json"
 _NAME = re.compile(r"checkpoint_(\d+)")
+# What Accelerate's `save_state` writes (accelerate.utils.constants: model, pytorch_model, optimizer, scheduler,
+# sampler, random_states, scaler, custom_checkpoint; FSDP: directories of those names) and the progress file.
+_OWN_ENTRY = re.compile(
+    r"(model|pytorch_model|optimizer|scheduler|sampler|random_states|scaler|custom_checkpoint)(_\w+)?(\.\w+)?"
+    rf"|\.?{re.escape(_PROGRESS_FILE)}(\.partial)?"
+)
 
 
 @dataclass
@@ -105,8 +113,20 @@ def _mark_complete(checkpoint: Path, progress: Progress) -> None:
     fsync(checkpoint.parent)
 
 
+def _foreign_entries(checkpoint: Path) -> list[str]:
+    """The entries of `checkpoint` that neither Accelerate's `save_state` nor this module writes (a user's files)."""
+    return sorted(entry.name for entry in checkpoint.iterdir() if not _OWN_ENTRY.fullmatch(entry.name))
+
+
 def _remove(checkpoint: Path) -> None:
-    """Delete a checkpoint, its progress file first (so that a kill half-way leaves it incomplete, not corrupt)."""
+    """Delete a checkpoint, its progress file first (so that a kill half-way leaves it incomplete, not corrupt); one
+    that holds anything a checkpoint does not (a user's notes) is left alone, with a warning."""
+    foreign = _foreign_entries(checkpoint)
+    if foreign:
+        warnings.warn(
+            f"{checkpoint} holds files no checkpoint writes ({', '.join(foreign[:3])}): left alone.", stacklevel=3
+        )
+        return
     (checkpoint / _PROGRESS_FILE).unlink(missing_ok=True)
     shutil.rmtree(checkpoint)
 

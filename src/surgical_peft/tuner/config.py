@@ -123,6 +123,11 @@ class SurgicalConfig(PeftConfig):
         return getattr(torch, self.delta_dtype) if self.delta_dtype else None
 
     @property
+    def loaded_from(self) -> Path | None:
+        """For a config read by `from_pretrained`, the directory of the adapter it was read from (else `None`)."""
+        return getattr(self, "_loaded_from", None)
+
+    @property
     def saved_modules(self) -> list[str] | None:
         """For a config read by `from_pretrained`, the modules its weights file holds deltas for (else `None`)."""
         return getattr(self, "_saved_modules", None)
@@ -161,6 +166,7 @@ class SurgicalConfig(PeftConfig):
             config._use_record(saved.record, weights)
         modules = {key.removeprefix(KEY_PREFIX).rpartition(".")[0] for key in saved.keys}
         config._saved_modules = sorted(path for path in modules if not is_under(path, config.modules_to_save or []))
+        config._loaded_from = weights.parent
         return config
 
     def _use_record(self, record: Mapping[str, Any], weights: Path) -> None:

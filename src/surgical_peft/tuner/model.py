@@ -99,7 +99,8 @@ class SurgicalModel(BaseTuner):
             self._restore_inference_modes(inference_modes)  # before `_forget` sets the others' flags again
             self._forget(adapter_name)  # PEFT's injection has already set requires_grad flags: undo everything
             if isinstance(error, NoMatchingPeftModuleError):
-                raise type(error)(f"{error}\nThe model's blocks, for reference:\n{blocks}") from error
+                source = f" (the config of {config.loaded_from})" if config.loaded_from is not None else ""
+                raise type(error)(f"{error}{source}\nThe model's blocks, for reference:\n{blocks}") from error
             raise
         self._restore_inference_modes(inference_modes)
         owners = self._adapter_modules[adapter_name]

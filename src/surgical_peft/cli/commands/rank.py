@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 __all__ = ["COMMAND"]
 
+_MAX_IMAGE_SIZE = 8192  # pixels a side: larger overflows the resize
+
 
 class Rank:
     help = "rank a model's blocks for fine-tuning on target data"
@@ -51,7 +53,9 @@ class Rank:
         add_cache_dir_option(parser)
         parser.add_argument("--num-batches", type=int, default=4, help="batches rgn and snr average over")
         parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
-        parser.add_argument("--image-size", type=whole_number(1), help="image side in pixels (default: the model's)")
+        parser.add_argument(
+            "--image-size", type=whole_number(1, _MAX_IMAGE_SIZE), help="image side in pixels (default: the model's)"
+        )
         parser.add_argument("--epochs", type=int, default=3, help="sweep, greedy: epochs of fine-tuning per candidate")
         parser.add_argument("--learning-rate", type=float, default=1e-3, help="sweep, greedy: learning rate")
         parser.add_argument(
