@@ -100,10 +100,12 @@ CATEGORIES = {
 }
 AREAS = {"A": "adapter files on load", "B": "saving", "C": "command line", "D": "training and resume"}
 NOT_NAMED = " (does not name the file)"
-HUGE_DOUBT = (
-    "; unsure whether this counts: the values are finite and an unsealed file has no checksum, but the "
-    "loaded model computes NaN"
+UNSEALED_VALUES = (
+    "README 'Safety': a file of PEFT's save_pretrained is unsealed (no checksum), and its finite values load as they "
+    "are, however large"
 )
+ANOTHER_METHOD = "README 'Safety': a config naming another PEFT method is that method's adapter, read by PEFT's code"
+PEFT_SAVE = "README 'Safety': PEFT's own save_pretrained raises PEFT's errors (FileNotFoundError for an empty path)"
 LOADS_EXACTLY = "README 'How it works': a loaded adapter reproduces the tuned model's eval-mode logits to 1e-5"
 torch.set_num_threads(1)
 
@@ -376,6 +378,7 @@ class Damage:
     config_check: Callable[[Any], str | None] | None = None  # a wrong value in a returned config, or None
     entries: tuple[str, ...] = ENTRY_POINTS
     doubt: str = ""  # appended to the note of a finding this battery is unsure of
+    peft_owned: str = ""  # a documented behaviour when PEFT's own code (not the library's) raises on it
 
 
 def _load_config(entry: str, directory: Path, damage: Damage) -> Outcome:
@@ -424,6 +427,8 @@ def _load_model(directory: Path, damage: Damage) -> Outcome:
         changes = state_changes(before, model_state(base))
         if changes:
             return Outcome("modified", f"raised {type(error).__name__} but changed the base: {'; '.join(changes)}")
+        if damage.peft_owned:
+            return Outcome("documented", f"{type(error).__name__}: {short(str(error))}: {damage.peft_owned}")
         return classify_error(error, [] if damage.needs_model and damage.kind != "weights" else [str(directory)])
     return _loaded(model, damage, "PeftModel.from_pretrained")
 
@@ -450,6 +455,8 @@ def _load_adapter(directory: Path, damage: Damage) -> Outcome:
         changes += state_changes(state, model_state(model))
         if changes:
             return Outcome("modified", f"raised {type(error).__name__} but changed {'; '.join(changes)}")
+        if damage.peft_owned:
+            return Outcome("documented", f"{type(error).__name__}: {short(str(error))}: {damage.peft_owned}")
         return classify_error(error, [str(directory)])
     model.set_adapter("x")
     return _loaded(model, damage, "load_adapter")
@@ -579,6 +586,7 @@ def config_damages() -> list[Damage]:
                     lambda d, n=name, v=value: edit_config(d, **{n: v}),
                     expect,
                     config_check=check,
+                    peft_owned=ANOTHER_METHOD if (name, value) == ("peft_type", "LORA") else "",
                 )
             )
     damages += [
@@ -703,7 +711,7 @@ def weights_damages() -> list[Damage]:
             "huge finite values (1e38)",
             _first_float(lambda t: torch.full_like(t, 1e38)),
             "either",
-            doubt=HUGE_DOUBT,
+            cite=UNSEALED_VALUES,
             **weights,
         ),
         Damage(
@@ -972,11 +980,11 @@ def save_into_directory(writer: str, where: str) -> Callable[[Path], Outcome]:
         try:
             _save(writer, loaded_model(), target)
         except BaseException as error:
-            return (
-                classify_error(error, [str(target)])
-                if not lost(directory, before)
-                else Outcome("modified", f"raised {type(error).__name__} and lost the user's files")
-            )
+            if lost(directory, before):
+                return Outcome("modified", f"raised {type(error).__name__} and lost the user's files")
+            if writer != "save_adapter" and where == "" and isinstance(error, FileNotFoundError):
+                return Outcome("documented", f"raised {type(error).__name__}, the user's files kept: {PEFT_SAVE}")
+            return classify_error(error, [str(target)])
         saved = directory / "a" / "b" / "c" if where == "nested" else directory
         return _judge_save(directory, saved, before, writer, {"README.md"})
 
