@@ -137,20 +137,7 @@ class SurgicalConfig(PeftConfig):
         """The fields of a saved config, checked: a problem raises an `InputError` that names the file and the field.
         `verify_base` is dropped: only the caller may skip the base check."""
         path = Path(path_json_file)
-        values = _json_object(path)
-        if "peft_type" not in values:
-            raise InputError(_NO_PEFT_TYPE.format(path=path))
-        if values["peft_type"] != PeftType.SURGICAL.value:
-            raise InputError(f"{path}: peft_type is {values['peft_type']!r:.100}, a surgical adapter's is 'SURGICAL'.")
-        if "verify_base" in values:
-            warnings.warn(f"{path} holds verify_base, which is never saved: ignored.", stacklevel=3)
-            del values["verify_base"]
-        values.pop("runtime_config", None)  # a runtime-only PEFT setting, as PEFT's own reader does
-        try:
-            check_fields(values)
-        except InputError as error:
-            raise InputError(f"{path}: {error}") from error
-        return values
+        return _surgical_fields(path, _json_object(path))
 
     @classmethod
     def from_pretrained(
@@ -220,6 +207,24 @@ def _json_object(path: Path) -> dict[str, Any]:
     return values
 
 
+def _surgical_fields(path: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """`values`, read from `path`, as a surgical adapter's config fields, checked (naming the file and the field),
+    without `verify_base` (only the caller may skip the base check) and PEFT's runtime-only `runtime_config`."""
+    if "peft_type" not in values:
+        raise InputError(_NO_PEFT_TYPE.format(path=path))
+    if values["peft_type"] != PeftType.SURGICAL.value:
+        raise InputError(f"{path}: peft_type is {values['peft_type']!r:.100}, a surgical adapter's is 'SURGICAL'.")
+    if "verify_base" in values:
+        warnings.warn(f"{path} holds verify_base, which is never saved: ignored.", stacklevel=4)
+        del values["verify_base"]
+    values.pop("runtime_config", None)  # a runtime-only PEFT setting, as PEFT's own reader does
+    try:
+        check_fields(values)
+    except InputError as error:
+        raise InputError(f"{path}: {error}") from error
+    return values
+
+
 def read_saved_config(cls: type, path_json_file: str | os.PathLike) -> dict[str, Any] | None:
     """Read an adapter config for PEFT (`tuner._internals.route_config_reads`): a surgical adapter's through
     `SurgicalConfig.from_json_file` whichever PEFT class reads it (so the generic `PeftConfig.from_pretrained` checks
@@ -227,9 +232,10 @@ def read_saved_config(cls: type, path_json_file: str | os.PathLike) -> dict[str,
     where PEFT needs it to pick the config class), raises an `InputError` naming the file and the field; any other
     file is left to PEFT (`None`)."""
     path = Path(path_json_file)
-    peft_type = _json_object(path).get("peft_type")
+    values = _json_object(path)
+    peft_type = values.get("peft_type")
     if peft_type == PeftType.SURGICAL.value:
-        return SurgicalConfig.from_json_file(path)
+        return _surgical_fields(path, values)
     if peft_type is None and cls is PeftConfig:  # PEFT picks the config class by the type
         raise InputError(_NO_PEFT_TYPE.format(path=path))
     if peft_type is not None and peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
