@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -65,6 +66,20 @@ def build_model(arch: str, seed: int = 0, **overrides: object) -> nn.Module:
         setattr(config, key, value)
     torch.manual_seed(seed)
     return model_class(config).eval()
+
+
+def save_tiny_model(path: Path, num_labels: int) -> str:
+    """A tiny ResNet for `num_labels` classes of 32x32 images, saved with save_pretrained into `path`."""
+    model = build_model("resnet-basic", num_labels=num_labels)
+    model.config.image_size = 32
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny ResNet for the 10 digit classes, saved with save_pretrained (read-only for the tests)."""
+    return save_tiny_model(tmp_path_factory.mktemp("digits-model"), num_labels=10)
 
 
 @pytest.fixture(params=list(ARCHITECTURES))

@@ -20,16 +20,6 @@ from surgical_peft.training.checkpoint import latest_checkpoint
 TINY = ["--train-n", "30", "--eval-n", "20", "--epochs", "1", "--batch-size", "10", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny ResNet for the 10 digit classes, saved with save_pretrained."""
-    path = tmp_path_factory.mktemp("model")
-    model = build_model("resnet-basic", num_labels=10)
-    model.config.image_size = 32
-    model.save_pretrained(path)
-    return str(path)
-
-
 def image_folder(root: Path, classes: tuple[str, ...], *, broken: bool = False) -> str:
     """An imagefolder dataset of 12 small images per class (and, if `broken`, one file that is no image)."""
     for index, label in enumerate(classes):
@@ -42,9 +32,9 @@ def image_folder(root: Path, classes: tuple[str, ...], *, broken: bool = False) 
 
 
 def test_train_runs_and_resumes_through_main(
-    model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["train", "--model", model_dir, "--block", "stage2", *TINY, "--output-dir", str(tmp_path)]
+    argv = ["train", "--model", tiny_model, "--block", "stage2", *TINY, "--output-dir", str(tmp_path)]
     assert main(argv) == 0
     assert f"Adapter: {tmp_path / 'adapter'}" in capsys.readouterr().out
     assert main([*argv, "--epochs", "2"]) == 0  # the same directory: resumes after the first epoch
@@ -56,9 +46,9 @@ def test_train_runs_and_resumes_through_main(
 
 @pytest.mark.parametrize("damage", ["run_args.json", "checkpoint"])
 def test_a_damaged_run_is_refused_with_a_message(
-    damage: str, model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    damage: str, tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["train", "--model", model_dir, "--block", "stage2", *TINY, "--output-dir", str(tmp_path)]
+    argv = ["train", "--model", tiny_model, "--block", "stage2", *TINY, "--output-dir", str(tmp_path)]
     assert main(argv) == 0
     checkpoint = latest_checkpoint(tmp_path)[0]
     damaged = tmp_path / "run_args.json" if damage == "run_args.json" else checkpoint / "model.safetensors"
@@ -89,9 +79,9 @@ def test_no_progress_hides_the_demo_models_pretraining(tmp_path: Path, capsys: p
     assert "epoch" not in capsys.readouterr().err
 
 
-def test_skip_unreadable_images(model_dir: str, tmp_path: Path) -> None:
+def test_skip_unreadable_images(tiny_model: str, tmp_path: Path) -> None:
     folder = image_folder(tmp_path / "images", ("dark", "light"), broken=True)
-    argv = ["train", "--model", model_dir, "--dataset", folder, "--shift", "none", "--block", "stage2", *TINY]
+    argv = ["train", "--model", tiny_model, "--dataset", folder, "--shift", "none", "--block", "stage2", *TINY]
     argv += ["--train-n", "6", "--eval-n", "6", "--output-dir", str(tmp_path / "run"), "--skip-unreadable-images"]
     with pytest.warns(UserWarning, match=r"Skipping 1 unreadable image\(s\): .*broken\.png"):
         assert main(argv) == 0
@@ -116,7 +106,7 @@ def test_skip_unreadable_images(model_dir: str, tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(
-    argv: list[str], message: str, model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    argv: list[str], message: str, tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if "fp16" in argv and torch.cuda.is_available():
         pytest.skip("fp16 is refused on a CPU only")
@@ -129,7 +119,7 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(
         "BROKEN": image_folder(tmp_path / "broken", ("dark", "light"), broken=True),
     }
     argv = [replacements.get(arg, arg) for arg in argv]
-    base = ["train", "--model", model_dir, "--block", "stage2", "--shift", "none", *TINY, "--output-dir", str(output)]
+    base = ["train", "--model", tiny_model, "--block", "stage2", "--shift", "none", *TINY, "--output-dir", str(output)]
     assert main([*base, *argv]) == 2
     error = capsys.readouterr().err
     assert error.startswith("surgical-peft train: error: ") and error.count("\n") == 1, error
@@ -138,10 +128,10 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(
 
 
 def test_a_non_finite_loss_stops_training_and_saves_nothing(
-    model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "run"
-    argv = ["train", "--model", model_dir, "--block", "stage2", *TINY, "--lr", "1e30", "--output-dir", str(output)]
+    argv = ["train", "--model", tiny_model, "--block", "stage2", *TINY, "--lr", "1e30", "--output-dir", str(output)]
     assert main(argv) == 2
     assert "error: Training stopped in fine-tune epoch 1/1: the loss is not finite" in capsys.readouterr().err
     assert not (output / "adapter").exists() and latest_checkpoint(output) is None

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_model
+from conftest import build_model, save_tiny_model
 from PIL import Image
 
 from surgical_peft.cli import main
@@ -32,11 +32,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny ResNet for 3 classes, saved with save_pretrained."""
-    path = tmp_path_factory.mktemp("model")
-    model = build_model("resnet-basic", num_labels=len(CLASSES))
-    model.config.image_size = 32
-    model.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("model"), num_labels=len(CLASSES))
 
 
 def train(argv: list[str], output: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, dict]:

@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,14 +33,6 @@ from surgical_peft.training import FineTuneArguments, fine_tune
 EPSILONS = [0.5, 1.0, 2.0, 4.0, 8.0]
 TINY = ["--train-n", "30", "--eval-n", "20", "--no-progress"]
 RECORD = {"epsilon", "delta", "accountant", "mechanism", "noise_multiplier", "steps", "sample_rate", "clipping_norm"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def examples(n: int, seed: int = 0, size: int = 16) -> list[dict]:
@@ -206,15 +197,6 @@ def test_the_same_seed_gives_the_same_probe_and_no_seed_a_fresh_noise() -> None:
 # -------------------------------------------------------------------------------------------- command line
 def parse(*argv: str) -> argparse.Namespace:
     return add_training_arguments(argparse.ArgumentParser()).parse_args(list(argv))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("tiny10")
-    model = build_model("resnet-basic", num_labels=10)
-    model.config.image_size = 32
-    model.save_pretrained(path)
-    return str(path)
 
 
 def test_the_command_line_records_the_privacy_spent(

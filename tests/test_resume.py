@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import build_model
 
 from surgical_peft.cli import main
 from surgical_peft.training.checkpoint import latest_checkpoint
@@ -24,17 +23,8 @@ TWO_PROCESSES = Path(__file__).resolve().parents[1] / "examples" / "accelerate_c
 STEPS_PER_EPOCH = 3  # --train-n 30 --batch-size 10
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("model")
-    model = build_model("resnet-basic", num_labels=10)
-    model.config.image_size = 32
-    model.save_pretrained(path)
-    return str(path)
-
-
-def train_argv(model_dir: str, output: Path, *extra: str, epochs: int = 2, batch_size: int = 10) -> list[str]:
-    argv = ["train", "--model", model_dir, "--block", "stage2", "--train-n", "30", "--eval-n", "20"]
+def train_argv(tiny_model: str, output: Path, *extra: str, epochs: int = 2, batch_size: int = 10) -> list[str]:
+    argv = ["train", "--model", tiny_model, "--block", "stage2", "--train-n", "30", "--eval-n", "20"]
     argv += ["--batch-size", str(batch_size), "--lr", "0.01", "--no-progress", "--epochs", str(epochs)]
     return [*argv, "--output-dir", str(output), *extra]
 
@@ -68,12 +58,12 @@ def run_killed(
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+def reference(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
     """Uninterrupted two-epoch runs, without and with --cache-features."""
     runs = {}
     for cache in (False, True):
         output = tmp_path_factory.mktemp("reference") / "run"
-        assert main(train_argv(model_dir, output, *(["--cache-features"] if cache else []))) == 0
+        assert main(train_argv(tiny_model, output, *(["--cache-features"] if cache else []))) == 0
         runs[cache] = output
     return runs
 
@@ -82,10 +72,10 @@ def reference(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
     ("signal", "cache"), [("KILL", False), ("INT", False), ("KILL", True)], ids=["sigkill", "sigint", "sigkill-cache"]
 )
 def test_a_run_killed_mid_epoch_resumes_bit_identical(
-    signal: str, cache: bool, model_dir: str, reference: dict[bool, Path], tmp_path: Path
+    signal: str, cache: bool, tiny_model: str, reference: dict[bool, Path], tmp_path: Path
 ) -> None:
     output = tmp_path / "run"
-    argv = train_argv(model_dir, output, *(["--cache-features"] if cache else []))
+    argv = train_argv(tiny_model, output, *(["--cache-features"] if cache else []))
     killed = run_killed(argv, tmp_path, KILL_AFTER_STEPS=str(STEPS_PER_EPOCH + 2), KILL_SIGNAL=signal)
     assert killed.returncode != 0, killed.stderr[-2000:]
     assert not (output / "adapter").exists()
@@ -97,7 +87,7 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical(
 
 
 def test_extending_a_finished_run_gives_the_longer_run(
-    model_dir: str, reference: dict[bool, Path], tmp_path: Path
+    tiny_model: str, reference: dict[bool, Path], tmp_path: Path
 ) -> None:
     output = tmp_path / "run"
     strays = [output / "checkpoints" / name for name in (".DS_Store", "checkpoint_backup/notes.txt")]
@@ -106,8 +96,8 @@ def test_extending_a_finished_run_gives_the_longer_run(
         stray.parent.mkdir(parents=True, exist_ok=True)
         stray.write_text("mine")
     with pytest.warns(UserWarning, match=r"checkpoint_7 holds files no checkpoint writes \(notes\.txt\): left alone"):
-        assert main(train_argv(model_dir, output, epochs=1)) == 0
-        assert main(train_argv(model_dir, output, epochs=2)) == 0
+        assert main(train_argv(tiny_model, output, epochs=1)) == 0
+        assert main(train_argv(tiny_model, output, epochs=2)) == 0
 
     assert_identical(output, reference[False])
     assert all(stray.read_text() == "mine" for stray in strays)
@@ -129,10 +119,10 @@ def test_extending_a_finished_run_gives_the_longer_run(
     ids=["writing", "before-marking", "before-deleting"],
 )
 def test_a_kill_while_checkpointing_loses_nothing(
-    kill_at: str, call: int, left: str, model_dir: str, reference: dict[bool, Path], tmp_path: Path
+    kill_at: str, call: int, left: str, tiny_model: str, reference: dict[bool, Path], tmp_path: Path
 ) -> None:
     output = tmp_path / "run"
-    argv = train_argv(model_dir, output)
+    argv = train_argv(tiny_model, output)
     killed = run_killed(argv, tmp_path, KILL_AT=kill_at, KILL_AT_CALL=str(call))
     assert killed.returncode == -9, killed.stderr[-2000:]
     second = output / "checkpoints" / "checkpoint_1"
@@ -147,14 +137,14 @@ def test_a_kill_while_checkpointing_loses_nothing(
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["plain", "cache"])
-def test_two_processes_extend_and_resume_bit_identical(cache: bool, model_dir: str, tmp_path: Path) -> None:
+def test_two_processes_extend_and_resume_bit_identical(cache: bool, tiny_model: str, tmp_path: Path) -> None:
     """A finished 2-process run extended by an epoch, killed in that epoch and resumed, ends as the uninterrupted
     run (the extension used to fail with `Checkpoint directory .../checkpoint_0 (0) already exists`)."""
     extra = ["--cache-features"] if cache else []
     reference, output = tmp_path / "reference", tmp_path / "run"
 
     def launch(directory: Path, epochs: int, **kill: str) -> subprocess.CompletedProcess[str]:
-        argv = train_argv(model_dir, directory, *extra, epochs=epochs, batch_size=5)  # 3 steps per process and epoch
+        argv = train_argv(tiny_model, directory, *extra, epochs=epochs, batch_size=5)  # 3 steps per process and epoch
         return run_killed(argv, tmp_path, processes=2, **kill)
 
     for result in (launch(reference, 2), launch(output, 1)):
@@ -169,15 +159,15 @@ def test_two_processes_extend_and_resume_bit_identical(cache: bool, model_dir: s
 
 @pytest.mark.parametrize("switch", [[], ["--switch-every", "2"]], ids=["every-epoch", "every-2-steps"])
 def test_an_alternating_run_killed_mid_schedule_resumes_bit_identical(
-    switch: list[str], model_dir: str, tmp_path: Path
+    switch: list[str], tiny_model: str, tmp_path: Path
 ) -> None:
     """Killed in the second epoch: in the head's turn (every epoch), or with the turns of 2 steps crossing the
     epochs (stage2, stage2, head | head, stage2, stage2): the resumed run keeps the one optimizer's state."""
     extra = ["--strategy", "alternate", "--block", "head", *switch]
     reference = tmp_path / "reference"
-    assert main(train_argv(model_dir, reference, *extra)) == 0
+    assert main(train_argv(tiny_model, reference, *extra)) == 0
     output = tmp_path / "run"
-    argv = train_argv(model_dir, output, *extra)
+    argv = train_argv(tiny_model, output, *extra)
     killed = run_killed(argv, tmp_path, KILL_AFTER_STEPS=str(STEPS_PER_EPOCH + 2), KILL_SIGNAL="KILL")
     assert killed.returncode != 0, killed.stderr[-2000:]
     checkpoint, progress = latest_checkpoint(output)

@@ -5,7 +5,6 @@ input."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,6 @@ DATA = [
     for i in range(8)
 ]
 BLOCK_PREFIX = {"stage1": "resnet.encoder.stages.0.", "stage2": "resnet.encoder.stages.1.", "head": "classifier."}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Recorder:

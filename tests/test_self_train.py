@@ -5,7 +5,6 @@ unlabelled images never reaching training, and bad input through the command lin
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,24 +24,6 @@ UNLABELED = [
     for i in range(12)
 ]
 TINY = ["--train-n", "30", "--eval-n", "20", "--epochs", "1", "--batch-size", "10", "--no-progress"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny ResNet for the 10 digit classes, saved with save_pretrained."""
-    path = tmp_path_factory.mktemp("model")
-    model = build_model("resnet-basic", num_labels=10)
-    model.config.image_size = 32
-    model.save_pretrained(path)
-    return str(path)
 
 
 def self_train(unlabeled: list[dict], **settings: object):
@@ -104,8 +85,8 @@ def test_rounds_are_reported_and_the_adapter_holds_the_student_alone() -> None:
     assert [record["epoch"] for record in result.history if "epoch" in record] == [1, 2]  # the student's epochs
 
 
-def test_self_training_through_main(model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["train", "--model", model_dir, "--block", "stage2", *TINY, "--output-dir", str(tmp_path)]
+def test_self_training_through_main(tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--model", tiny_model, "--block", "stage2", *TINY, "--output-dir", str(tmp_path)]
     argv += ["--strategy", "self-train", "--unlabeled-n", "40", "--ensemble-size", "2"]
     assert main([*argv, "--pseudo-label-threshold", "1"]) == 0
     out = capsys.readouterr().out
@@ -132,26 +113,26 @@ def test_self_training_through_main(model_dir: str, tmp_path: Path, capsys: pyte
     ],
 )
 def test_bad_self_training_input_exits_2(
-    argv: list[str], message: str, model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    argv: list[str], message: str, tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "run"
-    base = ["train", "--model", model_dir, "--block", "stage2", "--shift", "none", *TINY, "--output-dir", str(output)]
+    base = ["train", "--model", tiny_model, "--block", "stage2", "--shift", "none", *TINY, "--output-dir", str(output)]
     assert main([*base, "--strategy", "self-train", *argv]) == 2
     error = capsys.readouterr().err
     assert error.startswith("surgical-peft train: error: ") and message in error, error
     assert not output.exists()
 
 
-def test_unlabeled_n_without_self_training_exits_2(model_dir: str, tmp_path: Path, capsys) -> None:
-    argv = ["train", "--model", model_dir, "--block", "stage2", *TINY, "--output-dir", str(tmp_path / "run")]
+def test_unlabeled_n_without_self_training_exits_2(tiny_model: str, tmp_path: Path, capsys) -> None:
+    argv = ["train", "--model", tiny_model, "--block", "stage2", *TINY, "--output-dir", str(tmp_path / "run")]
     assert main([*argv, "--unlabeled-n", "10"]) == 2
     assert "--unlabeled-n 10 applies to --strategy self-train only, not 'surgical'" in capsys.readouterr().err
 
 
-def test_a_self_training_rerun_starts_over(model_dir: str, tmp_path: Path) -> None:
+def test_a_self_training_rerun_starts_over(tiny_model: str, tmp_path: Path) -> None:
     """Nothing is checkpointed (the pseudo-labels depend on every epoch of the ensemble): a rerun with more epochs
     gives the run that had them from the start."""
-    argv = ["train", "--model", model_dir, "--block", "stage2", *TINY, "--strategy", "self-train"]
+    argv = ["train", "--model", tiny_model, "--block", "stage2", *TINY, "--strategy", "self-train"]
     argv += ["--unlabeled-n", "20", "--ensemble-size", "2", "--pseudo-label-threshold", "1"]
     rerun, fresh = tmp_path / "rerun", tmp_path / "fresh"
     assert main([*argv, "--output-dir", str(rerun)]) == 0

@@ -8,13 +8,12 @@ import os
 import runpy
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, save_tiny_model
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from torch.utils.data import DataLoader
@@ -29,28 +28,6 @@ from surgical_peft.training import FineTuneArguments, evaluate_accuracy, fine_tu
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "train.py"
 TINY = ["--train-n", "30", "--eval-n", "20", "--epochs", "1", "--batch-size", "10", "--no-progress"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models train faster on one thread, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def save_tiny_model(path: Path, num_labels: int) -> str:
-    model = build_model("resnet-basic", num_labels=num_labels)
-    model.config.image_size = 32
-    model.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny ResNet for the 10 digit classes, saved with save_pretrained."""
-    return save_tiny_model(tmp_path_factory.mktemp("tiny10"), num_labels=10)
 
 
 def parse(*argv: str) -> argparse.Namespace:
