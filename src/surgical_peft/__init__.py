@@ -17,9 +17,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from .lazy import lazy_names
 from .registration import register_with_peft
 
 __version__ = "0.1.0"
@@ -48,11 +46,4 @@ _LAZY = {
 register_with_peft()
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
