@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 from surgical_peft import SurgicalConfig, list_blocks
@@ -143,6 +144,29 @@ def test_generic_block_map_of_custom_module() -> None:
     assert not blocks.structural
     assert dict(blocks) == {"encoder": ("encoder",), "decoder": ("decoder",)}
     assert blocks.num_parameters == {"encoder": 4 * 8 + 8 + 8 * 8 + 8, "decoder": 8 * 8 + 8 + 8 * 2 + 2}
+
+
+def test_generic_block_map_covers_what_a_container_owns_and_fingerprints_it(tmp_path: Path) -> None:
+    # A top-level container that owns a parameter beside its children (a cls_token, say): the parameter is a block of
+    # its own, so every tensor lies in a block and the base fingerprint covers it; a single layer is one block.
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.zeros(1, 4))
+            self.body = nn.Linear(4, 2)
+
+    blocks = list_blocks(Tokens())
+    assert dict(blocks) == {"cls_token": ("cls_token",), "body": ("body",)}
+    assert blocks.num_parameters == {"cls_token": 4, "body": 10}
+    single = list_blocks(nn.Linear(2, 2))
+    assert dict(single) == {"Linear": ("",)} and single.block_of("weight") == "Linear"
+    base = Tokens()
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.cls_token.fill_(1.0)
+    get_peft_model(base, SurgicalConfig(target_modules=["body"])).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"block\(s\) cls_token differ"):  # another cls_token: another base
+        PeftModel.from_pretrained(other, tmp_path)
 
 
 def test_summary_shows_parameter_counts(arch: str, make_model: Callable[..., nn.Module]) -> None:

@@ -389,3 +389,67 @@ def test_loaded_adapter_is_frozen_unless_trainable(make_model: Callable[..., nn.
     assert frozen.get_nb_trainable_parameters()[0] == 0
     trainable = PeftModel.from_pretrained(make_model("vit"), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == list_blocks(trainable).num_parameters["layer1"]
+
+
+class _TokenNet(nn.Module):
+    """A container that owns a tensor beside its blocks, as a timm ViT owns `cls_token` and `pos_embed`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 4))
+        self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x + self.cls_token))
+
+
+def _token_net(seed: int) -> _TokenNet:
+    torch.manual_seed(seed)
+    return _TokenNet()
+
+
+@pytest.mark.parametrize("target_modules", [["cls_token", "head"], "cls_token|head"], ids=["list", "regex"])
+def test_a_containers_own_tensor_is_a_target_by_itself(target_modules: Any, tmp_path: Any) -> None:
+    # The root owns cls_token beside its blocks: a target of its own (a layer keyed by its tensor path), so tuning
+    # it leaves the root's children frozen, and it saves, loads and combines exactly.
+    model = get_peft_model(_token_net(0), SurgicalConfig(target_modules=target_modules))
+    trainable = {name.removeprefix("base_model.model.") for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"cls_token", "head.weight", "head.bias"}
+    assert set(model.base_model.surgical_layers) == {"cls_token", "head"}
+    inputs = torch.randn(8, 4)
+    before = _token_net(0).state_dict()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(inputs).sum().backward()
+    optimizer.step()
+    changed = {
+        name for name, tensor in model.base_model.model.state_dict().items() if not torch.equal(tensor, before[name])
+    }
+    assert changed == trainable
+    tuned = model(inputs)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_token_net(0), tmp_path)
+    assert torch.equal(loaded(inputs), tuned)
+    with model.disable_adapter():
+        assert torch.equal(model.base_model.model.cls_token, before["cls_token"])
+    model.add_weighted_adapter(["default"], [2.0], "double")
+    layer = model.base_model.surgical_layers["cls_token"]
+    torch.testing.assert_close(layer.delta("double")["cls_token"], 2 * layer.delta("default")["cls_token"])
+    with pytest.raises(ValueError, match="differ"):  # another base is refused
+        PeftModel.from_pretrained(_token_net(1), tmp_path)
+
+
+def test_a_container_module_target_tunes_its_tensors_one_layer_each() -> None:
+    # transformers' ViTEmbeddings owns cls_token and position_embeddings beside its patch embedding: tuning the
+    # embeddings block gives each of its own tensors a layer, so another adapter can target one of them alone.
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+    model = get_peft_model(ViTForImageClassification(config), SurgicalConfig(block="embeddings"), adapter_name="all")
+    model.add_adapter("token", SurgicalConfig(target_modules=["vit.embeddings.cls_token"]))
+    layers = model.base_model.surgical_layers
+    assert {"vit/embeddings/cls_token", "vit/embeddings/position_embeddings"} <= set(layers)
+    assert layers["vit/embeddings/cls_token"].adapters == {"all", "token"}
+    model.base_model.set_adapter("token")
+    trainable = {name.removeprefix("base_model.model.") for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"vit.embeddings.cls_token"}

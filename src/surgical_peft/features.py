@@ -68,6 +68,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .blocks import BlockMap, list_blocks, unwrap_model
+from .blocks.block_map import parameters_under
 from .errors import InputError
 from .modes import held_in_eval
 
@@ -372,10 +373,15 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self._base = base
-        self._prefix = [base.get_submodule(path) for name in names[: names.index(block)] for path in blocks[name]]
-        self._entry = base.get_submodule(blocks[block][0])
-        self._block_parameters = [p for path in blocks[block] for p in base.get_submodule(path).parameters()]
-        self._prefix_tensors = [t for module in self._prefix for t in (*module.parameters(), *module.buffers())]
+        modules = dict(base.named_modules())  # (a block may also name tensors a container owns, e.g. a ViT's)
+        prefix_paths = [path for name in names[: names.index(block)] for path in blocks[name]]
+        self._prefix = [modules[path] for path in prefix_paths if path in modules]
+        self._entry = next(modules[path] for path in blocks[block] if path in modules)
+        self._block_parameters = list(parameters_under(base, blocks[block]).values())
+        self._prefix_tensors = [
+            *(t for module in self._prefix for t in (*module.parameters(), *module.buffers())),
+            *(base.get_parameter(path) for path in prefix_paths if path not in modules),
+        ]
         self._templates: dict[int, Any] = {}  # prefix module position -> its output with tensors as _TensorSpec
         self._versions: list[int] | None = None  # of the prefix tensors when the cached features were computed
         self._full_warned = False

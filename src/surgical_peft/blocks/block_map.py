@@ -17,11 +17,12 @@ from torch import nn
 from ..errors import InputError
 from .paths import is_under
 
-__all__ = ["BlockEntry", "BlockMap", "format_count", "num_parameters"]
+__all__ = ["BlockEntry", "BlockMap", "format_count", "num_parameters", "parameters_under"]
 
 
 class BlockEntry(NamedTuple):
-    """One block: its name, the module paths it holds and their number of parameters."""
+    """One block: its name, the module paths it holds (or tensor paths, for tensors a container owns directly, such
+    as a ViT's `cls_token`) and their number of parameters."""
 
     name: str
     modules: tuple[str, ...]
@@ -31,6 +32,18 @@ class BlockEntry(NamedTuple):
 def num_parameters(module: nn.Module) -> int:
     """Number of parameters of `module` and its children."""
     return sum(parameter.numel() for parameter in module.parameters())
+
+
+def parameters_under(model: nn.Module, paths: Iterable[str]) -> dict[str, nn.Parameter]:
+    """The parameters of `model` under `paths` (module paths, or tensor paths such as a ViT's `"cls_token"`).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> list(parameters_under(model, ["1", "0.bias"]))
+        ['0.bias', '1.weight', '1.bias']
+    """
+    paths = list(paths)
+    return {name: parameter for name, parameter in model.named_parameters() if is_under(name, paths)}
 
 
 def format_count(count: int) -> str:

@@ -17,8 +17,9 @@ __all__ = ["from_key", "is_under", "join", "to_key"]
 
 
 def is_under(path: str, prefixes: Iterable[str]) -> bool:
-    """Whether `path` (a module or tensor path) is one of `prefixes` or lies inside one of them."""
-    return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
+    """Whether `path` (a module or tensor path) is one of `prefixes` or lies inside one of them (everything lies
+    inside `""`, the model itself)."""
+    return any(not prefix or path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
 
 
 def join(prefix: str, name: str) -> str:

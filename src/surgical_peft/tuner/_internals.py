@@ -25,11 +25,13 @@ from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter, _get_in_out_features
 from peft.utils import PeftType, register_peft_method
+from peft.utils.constants import DUMMY_TARGET_MODULES  # a dummy adapter's target_modules: PEFT lets it match none
 from peft.utils.error import NoMatchingPeftModuleError
 from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter
 from torch import nn
 
 __all__ = [
+    "DUMMY_TARGET_MODULES",
     "NORMS_WITH_RUNNING_STATS",
     "AuxiliaryTrainingWrapper",
     "BaseTuner",

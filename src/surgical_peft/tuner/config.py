@@ -132,6 +132,11 @@ class SurgicalConfig(PeftConfig):
         """For a config read by `from_pretrained`, the modules its weights file holds deltas for (else `None`)."""
         return getattr(self, "_saved_modules", None)
 
+    @property
+    def saved_tensors(self) -> list[str] | None:
+        """For a config read by `from_pretrained`, the tensors its weights file holds deltas for (else `None`)."""
+        return getattr(self, "_saved_tensors", None)
+
     @classmethod
     def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
         """The fields of a saved config, checked: a problem raises an `InputError` that names the file and the field.
@@ -151,8 +156,9 @@ class SurgicalConfig(PeftConfig):
         saved = read_adapter_file(weights)
         if saved.record is not None:
             config._use_record(saved.record, weights)
-        modules = {key.removeprefix(KEY_PREFIX).rpartition(".")[0] for key in saved.keys}
-        config._saved_modules = sorted(path for path in modules if not is_under(path, config.modules_to_save or []))
+        tensors = [key.removeprefix(KEY_PREFIX) for key in saved.keys]
+        config._saved_tensors = sorted(path for path in tensors if not is_under(path, config.modules_to_save or []))
+        config._saved_modules = sorted({path.rpartition(".")[0] for path in config._saved_tensors})
         config._loaded_from = weights.parent
         return config
 

@@ -1,4 +1,4 @@
-"""`SurgicalLayer`: the base snapshot and per-adapter deltas of the tensors one module owns.
+"""`SurgicalLayer`: the base snapshot and per-adapter deltas of the tensors one module owns (or of one of them).
 
 Surgical fine-tuning trains a block's own weights, so unlike LoRA there is no extra layer in the forward pass: the
 model keeps its structure and its modules compute exactly as before, at the same cost. What a `SurgicalLayer` adds,
@@ -13,6 +13,11 @@ for one module of a tuned block, is bookkeeping, held by the tuner (not inside t
 - `loaded`: the adapters whose weights the module holds now: none (the base weights), one (it trains in place: its
   delta is the live tensor minus the snapshot), or several, active together (PEFT's several active adapters): the
   module then holds the base plus the sum of their deltas, for inference, and each adapter's own weights stay stashed.
+
+A module that owns tensors directly *and* holds submodules with tensors of their own (a container, such as a timm
+ViT, which owns `cls_token` and `pos_embed` beside its blocks, or transformers' `ViTEmbeddings`) gets one layer per
+tensor it owns (`names`), because such tensors belong to different blocks than the module's children
+(`owns_loose_tensors`).
 
 Example:
     >>> import torch
@@ -38,12 +43,15 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator, Mapping
+from itertools import chain
 
 import torch
 from torch import nn
 
+from ..blocks.paths import join
 from ..errors import InputError
 from ._internals import BaseTunerLayer, in_out_features, persistent_buffer_names
+from .serialization import KEY_PREFIX
 
 __all__ = ["RANDOM_INIT_SCALE", "SurgicalLayer"]
 
@@ -56,6 +64,25 @@ def owned_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_parameters(recurse=False)
     for name in persistent_buffer_names(module):
         yield name, module.get_buffer(name)
+
+
+def owns_loose_tensors(module: nn.Module) -> bool:
+    """Whether `module` is a container that owns tensors directly beside submodules with tensors of their own: each
+    of its own tensors is then a target by itself (a tensor path such as `"cls_token"`), not with the module.
+
+    Example:
+        >>> class ViT(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.cls_token = nn.Parameter(torch.zeros(1, 4))
+        ...         self.blocks = nn.Linear(4, 4)
+        >>> owns_loose_tensors(ViT()), owns_loose_tensors(nn.Linear(2, 2))
+        (True, False)
+    """
+    owns = next(owned_tensors(module), None) is not None
+    return owns and any(
+        next(chain(child.parameters(), child.buffers()), None) is not None for child in module.children()
+    )
 
 
 def _distributed() -> bool:
@@ -81,12 +108,16 @@ def _offloaded_copy(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 class SurgicalLayer(nn.Module, BaseTunerLayer):
     """Base snapshot and per-adapter deltas of the tensors one module owns directly (see the module docstring)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, path: str = "", names: tuple[str, ...] | None = None) -> None:
+        """Bookkeeping for the tensors that `module` (at `path` in the model) owns directly: all of them, or only
+        `names`."""
         super().__init__()
         # Plain attributes, not submodules or buffers: the tuned module stays in the model only, and the snapshot
         # stays on the CPU whatever device the model moves to.
         object.__setattr__(self, "module", module)
-        self.base: dict[str, torch.Tensor] = _offloaded_copy(dict(owned_tensors(module)))
+        # tensor name on the module -> its path in the model, which is also its key in the adapter file
+        self.tensor_paths = {n: join(path, n) for n, _ in owned_tensors(module) if names is None or n in names}
+        self.base: dict[str, torch.Tensor] = _offloaded_copy(self.tensors())
         # An adapter with no entry here is either loaded or has the base weights (a zero delta, stored lazily).
         self.stashed: dict[str, dict[str, torch.Tensor]] = {}
         self.adapters: set[str] = set()
@@ -116,8 +147,13 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
     def extra_repr(self) -> str:
         return f"{type(self.module).__name__}, adapters={sorted(self.adapters)}, loaded={self.loaded!r}"
 
-    def _live(self) -> dict[str, torch.Tensor]:
-        return dict(owned_tensors(self.module))
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors this layer keeps track of, by their name on the module."""
+        return {name: tensor for name, tensor in owned_tensors(self.module) if name in self.tensor_paths}
+
+    def keyed(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This layer's entries of an adapter `state_dict` (keyed as in the adapter file), by tensor name."""
+        return {name: state_dict[KEY_PREFIX + path] for name, path in self.tensor_paths.items()}
 
     def add_adapter(self, adapter_name: str) -> None:
         """Register an adapter with a zero delta."""
@@ -139,7 +175,7 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
     def delta(self, adapter_name: str, live: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """`tuned - base` of `adapter_name`, on the CPU; `live` overrides the module's tensors (e.g. gathered ones)."""
         if (adapter_name,) == self.loaded:
-            tuned = {**self._live(), **(live or {})}
+            tuned = {**self.tensors(), **(live or {})}
         else:
             tuned = self.stashed.get(adapter_name, self.base)
         return {name: tuned[name].detach().to("cpu") - base for name, base in self.base.items()}
@@ -180,11 +216,11 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
             >>> saved = layer.delta("a")  # 0.1 - 1, and 1 + (0.1 - 1) is not 0.1 in float32
             >>> bool(torch.equal(layer.base["weight"] + saved["weight"], linear.weight))
             False
-            >>> layer.hold_saved("a", saved, dict(owned_tensors(linear)))
+            >>> layer.hold_saved("a", saved, layer.tensors())
             >>> bool(torch.equal(layer.base["weight"] + saved["weight"], linear.weight))
             True
         """
-        own = self._live()
+        own = self.tensors()
         if (
             (adapter_name,) != self.loaded  # (a sum of several adapters is for inference, never trained)
             or _distributed()
@@ -200,7 +236,7 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def _write(self, values: Mapping[str, torch.Tensor]) -> None:
-        for name, tensor in self._live().items():
+        for name, tensor in self.tensors().items():
             tensor.copy_(values[name].to(tensor.device, tensor.dtype))
 
     def load(self, *adapter_names: str) -> None:
@@ -213,7 +249,7 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
             raise InputError(f"Adapter(s) {unknown} do not tune this module; its adapters: {sorted(self.adapters)}.")
         held = self.loaded
         if len(held) == 1:  # it trained in place; a sum's terms are stashed already
-            self.stashed[held[0]] = {name: t.detach().to("cpu", copy=True) for name, t in self._live().items()}
+            self.stashed[held[0]] = {name: t.detach().to("cpu", copy=True) for name, t in self.tensors().items()}
         if len(adapter_names) == 1:
             target = self.stashed.pop(adapter_names[0], None)
         else:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..blocks import ALL, AUTO, BlockMap, is_under, list_blocks
-from ..blocks.paths import from_key, to_key
+from ..blocks.paths import from_key, join, to_key
 from ..errors import InputError
 from ._internals import (
+    DUMMY_TARGET_MODULES,
     NORMS_WITH_RUNNING_STATS,
     AuxiliaryTrainingWrapper,
     BaseTuner,
@@ -25,7 +26,7 @@ from ._internals import (
 from .checkpointing import compose
 from .config import SurgicalConfig
 from .fingerprint import check_fingerprint, fingerprint
-from .layer import SurgicalLayer, owned_tensors
+from .layer import SurgicalLayer, owned_tensors, owns_loose_tensors
 from .serialization import KEY_PREFIX, check_delta_state_dict, check_finite
 
 __all__ = ["SurgicalModel"]
@@ -92,9 +93,11 @@ class SurgicalModel(BaseTuner):
         # whether the adapters already there are trainable.
         inference_modes = {name: other.inference_mode for name, other in self.peft_config.items()}
         self._adapter_modules[adapter_name] = []
+        tensors = self._tensor_targets(model, config)
         try:
-            super().inject_adapter(model, adapter_name, **kwargs)
-            self._add_layers(model, adapter_name, config)
+            with self._tensors_only(model, config, tensors):
+                super().inject_adapter(model, adapter_name, **kwargs)
+            self._add_layers(model, adapter_name, config, tensors)
         except Exception as error:
             self._restore_inference_modes(inference_modes)  # before `_forget` sets the others' flags again
             self._forget(adapter_name)  # PEFT's injection has already set requires_grad flags: undo everything
@@ -122,8 +125,23 @@ class SurgicalModel(BaseTuner):
             )
         check_fingerprint(config.base_fingerprint, current)
 
-    def _add_layers(self, model: nn.Module, adapter_name: str, config: SurgicalConfig) -> None:
-        """Give every module with tensors under the targets PEFT matched a layer, and record them as the adapter's."""
+    @contextlib.contextmanager
+    def _tensors_only(self, model: nn.Module, config: SurgicalConfig, tensors: list[str]) -> Iterator[None]:
+        """Where `config` targets `tensors` (a container's, e.g. `block="stem"` of a timm ViT) and no module, PEFT's
+        injection runs as for a dummy adapter (PEFT's own convention), which may match nothing."""
+        modules = (key for key, _ in model.named_modules() if key)
+        if not tensors or any(self._check_target_module_exists(config, key) for key in modules):
+            yield
+            return
+        target_modules, config.target_modules = config.target_modules, DUMMY_TARGET_MODULES
+        try:
+            yield
+        finally:
+            config.target_modules = target_modules
+
+    def _add_layers(self, model: nn.Module, adapter_name: str, config: SurgicalConfig, tensors: list[str]) -> None:
+        """Give every module with tensors under the targets PEFT matched a layer, and every targeted tensor of a
+        container (`tensors`) one of its own, and record them as the adapter's."""
         pending = self._pending_targets  # PEFT reports nested matches too; the outermost ones cover the rest
         if config.blocks:  # exact module paths: PEFT's suffix match of `conv1` would also take `layer1.0.conv1`
             pending = [path for path in pending if path in config.target_modules]
@@ -131,15 +149,50 @@ class SurgicalModel(BaseTuner):
         owners = self._adapter_modules[adapter_name]
         for target in targets:
             for name, module in model.get_submodule(target).named_modules(prefix=target):
-                if is_under(name, config.modules_to_save or []) or not any(True for _ in owned_tensors(module)):
+                if is_under(name, config.modules_to_save or []) or next(owned_tensors(module), None) is None:
                     continue
-                key = to_key(name)
-                if key not in self.surgical_layers:
-                    self.surgical_layers[key] = SurgicalLayer(module)
-                self.surgical_layers[key].add_adapter(adapter_name)
-                owners.append(name)
+                if not owns_loose_tensors(module):
+                    owners.append(self._add_layer(adapter_name, name, module, name))
+                    continue
+                for tensor_name, _ in owned_tensors(module):  # a container's tensors are targets of their own
+                    tensor_path = join(name, tensor_name)
+                    owners.append(self._add_layer(adapter_name, tensor_path, module, name, (tensor_name,)))
+        for tensor_path in (path for path in tensors if not is_under(path, targets)):
+            owner, _, tensor_name = tensor_path.rpartition(".")
+            owners.append(
+                self._add_layer(adapter_name, tensor_path, model.get_submodule(owner), owner, (tensor_name,))
+            )
         if not owners:
             raise InputError(f"The modules matched by target_modules={config.target_modules} hold no tensors to tune.")
+
+    def _add_layer(
+        self, adapter_name: str, path: str, module: nn.Module, owner: str, names: tuple[str, ...] | None = None
+    ) -> str:
+        """Make `adapter_name` tune the layer at `path` (a module path, or a tensor path where `names` names one
+        tensor of the container `module` at `owner`), creating the layer if no adapter tunes it yet; returns `path`."""
+        key = to_key(path)
+        if key not in self.surgical_layers:
+            self.surgical_layers[key] = SurgicalLayer(module, owner, names)
+        self.surgical_layers[key].add_adapter(adapter_name)
+        return path
+
+    def _tensor_targets(self, model: nn.Module, config: SurgicalConfig) -> list[str]:
+        """The tensors owned by containers (`owns_loose_tensors`, e.g. a ViT's `cls_token`) that `config` targets
+        by themselves: matched as PEFT matches module names (`target_modules`, `exclude_modules`), exactly where
+        blocks name them; for a saved adapter's regex (never run), the tensors its weights file holds."""
+        if config.saved_modules is not None and isinstance(config.target_modules, str):
+            saved = set(config.saved_tensors or [])
+            targeted: Callable[[str], object] = saved.__contains__
+        else:
+            exact = set(config.target_modules or []) if config.blocks else None
+
+            def targeted(path: str) -> bool:
+                matched = BaseTuner._check_target_module_exists(config, path)
+                return bool(matched) and (exact is None or path in exact)
+
+        containers = [(path, m) for path, m in model.named_modules() if owns_loose_tensors(m)]
+        found = [join(path, name) for path, module in containers for name, _ in owned_tensors(module)]
+        return [path for path in found if targeted(path) and not is_under(path, config.modules_to_save or [])]
 
     def _restore_inference_modes(self, modes: dict[str, bool]) -> None:
         for name, mode in modes.items():
@@ -186,9 +239,7 @@ class SurgicalModel(BaseTuner):
                 if not path.startswith(f"{wrapper}original_module."):
                     continue
                 path = wrapper + path.removeprefix(f"{wrapper}original_module.")
-            module_path, _, name = path.rpartition(".")
-            layer = self.surgical_layers[key] if (key := to_key(module_path)) in self.surgical_layers else None
-            base[path] = layer.base[name] if layer is not None and name in layer.base else tensor
+            base[path] = self._base_tensor(path, tensor)
         block_tensors: dict[str, dict[str, torch.Tensor]] = {block: {} for block in blocks}
         for path, tensor in base.items():
             block = blocks.block_of(path)
@@ -198,6 +249,14 @@ class SurgicalModel(BaseTuner):
         if not config.modules_to_save:
             self._base_fingerprint = result
         return result
+
+    def _base_tensor(self, path: str, live: torch.Tensor) -> torch.Tensor:
+        """The base snapshot of the tensor at `path` where a layer keeps one, else `live` (the tensor itself)."""
+        module_path, _, name = path.rpartition(".")
+        for key in (to_key(path), to_key(module_path)):  # a container's tensor has a layer of its own
+            if key in self.surgical_layers and self.surgical_layers[key].tensor_paths.get(name) == path:
+                return self.surgical_layers[key].base[name]
+        return live
 
     def _create_and_replace(
         self,
@@ -216,7 +275,8 @@ class SurgicalModel(BaseTuner):
         # could take forever (catastrophic backtracking, e.g. "(.+)+Z") on every module name of a large model.
         patterns = (peft_config.target_modules, peft_config.exclude_modules)
         if peft_config.saved_modules is not None and any(isinstance(pattern, str) for pattern in patterns):
-            return key in peft_config.saved_modules
+            # (a container's own tensors are targets by themselves: `_tensor_targets`)
+            return key in peft_config.saved_modules and not owns_loose_tensors(self.model.get_submodule(key))
         return super()._check_target_module_exists(peft_config, key)
 
     def _prepare_adapter_config(self, peft_config: SurgicalConfig, model_config: dict) -> SurgicalConfig:
@@ -249,7 +309,7 @@ class SurgicalModel(BaseTuner):
         for path, parameter in self.model.named_parameters():
             module_path = path.rpartition(".")[0]
             if not is_under(module_path, auxiliary):  # PEFT's modules_to_save wrappers manage their own parameters
-                parameter.requires_grad_(module_path in trainable)
+                parameter.requires_grad_(module_path in trainable or path in trainable)  # (a container's tensor)
         self._set_norm_modes(list(training))
 
     def _owners(self, adapter_names: list[str]) -> dict[str, tuple[str, ...]]:
@@ -428,7 +488,7 @@ class SurgicalModel(BaseTuner):
             >>> model.add_adapter("other", SurgicalConfig(target_modules=["0"], init_weights=False))
             >>> model.add_weighted_adapter(["default", "other"], [1.0, -1.0], "mix")
             >>> layer = model.base_model.surgical_layers["0"]
-            >>> bool(torch.equal(layer.delta("mix")["weight"], -layer.delta("other")["weight"]))
+            >>> bool(torch.allclose(layer.delta("mix")["weight"], -layer.delta("other")["weight"]))  # (up to rounding)
             True
         """
         self._check_weighted(adapters, weights, adapter_name)
@@ -481,16 +541,16 @@ class SurgicalModel(BaseTuner):
     def _check_finite(self) -> None:
         """Raise a `ValueError` if the weights of the modules the active adapters tune hold NaN or inf."""
         owners = self._owners(self._loaded_adapters)
-        broken = [
-            f"{path}.{name}"
+        broken = {
+            self._layer(path).tensor_paths[name]: path
             for path in owners
-            for name, tensor in owned_tensors(self._layer(path).module)
+            for name, tensor in self._layer(path).tensors().items()
             if tensor.is_floating_point() and not torch.isfinite(tensor).all()
-        ]
+        }
         if broken:
-            adapters = sorted({name for path in broken for name in owners[path.rpartition(".")[0]]})
+            adapters = sorted({name for path in broken.values() for name in owners[path]})
             named = ", ".join(map(repr, adapters))
-            raise InputError(f"NaNs detected in the weights of adapter {named} ({', '.join(broken[:3])}).")
+            raise InputError(f"NaNs detected in the weights of adapter {named} ({', '.join(list(broken)[:3])}).")
 
     def unmerge_adapter(self) -> None:
         """Nothing to undo in the weights (merging never changes more than which adapter is active); the layers stop
@@ -542,10 +602,11 @@ class SurgicalModel(BaseTuner):
 
     def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The live tensors an adapter applies to, keyed as in the adapter file."""
+        layers = [self._layer(path) for path in self._adapter_modules[adapter_name]]
         return {
-            f"{KEY_PREFIX}{path}.{name}": tensor
-            for path in self._adapter_modules[adapter_name]
-            for name, tensor in owned_tensors(self._layer(path).module)
+            KEY_PREFIX + layer.tensor_paths[name]: tensor
+            for layer in layers
+            for name, tensor in layer.tensors().items()
         }
 
     @classmethod
@@ -566,17 +627,14 @@ class SurgicalModel(BaseTuner):
         deltas, parameters, lives = {}, set(), {}
         for path in tuner._adapter_modules[adapter_name]:
             layer = tuner._layer(path)
+            keys = {name: KEY_PREFIX + tensor_path for name, tensor_path in layer.tensor_paths.items()}
             # Under FSDP or DeepSpeed the gathered `state_dict` holds the full tensors; the module may hold shards.
-            live = {
-                name: state_dict[f"{KEY_PREFIX}{path}.{name}"]
-                for name in layer.base
-                if f"{KEY_PREFIX}{path}.{name}" in state_dict
-            }
+            live = {name: state_dict[key] for name, key in keys.items() if key in state_dict}
             lives[path] = live
             for name, delta in layer.delta(adapter_name, live).items():
-                deltas[f"{KEY_PREFIX}{path}.{name}"] = delta
+                deltas[keys[name]] = delta
                 if name in layer.module._parameters and delta.is_floating_point():
-                    parameters.add(f"{KEY_PREFIX}{path}.{name}")
+                    parameters.add(keys[name])
         check_finite(deltas, f"Adapter {adapter_name!r} was not saved: its weights")
         dtype = config.delta_torch_dtype
         result = {
@@ -591,7 +649,7 @@ class SurgicalModel(BaseTuner):
             )
         for path, live in lives.items():
             layer = tuner._layer(path)
-            layer.hold_saved(adapter_name, {name: result[f"{KEY_PREFIX}{path}.{name}"] for name in layer.base}, live)
+            layer.hold_saved(adapter_name, layer.keyed(result), live)
         return result
 
     @classmethod
@@ -622,16 +680,18 @@ class SurgicalModel(BaseTuner):
         tuner._awaiting_weights.discard(adapter_name)
         for path in tuner._adapter_modules[adapter_name]:
             layer = tuner._layer(path)
-            layer.set_delta(adapter_name, {name: deltas[f"{KEY_PREFIX}{path}.{name}"] for name in layer.base})
+            layer.set_delta(adapter_name, layer.keyed(deltas))
         return full
 
     def _check_running_variances(self, adapter_name: str, deltas: Mapping[str, torch.Tensor]) -> None:
         """Raise an `InputError` if `deltas` would give a running variance (BatchNorm) a negative value."""
         negative = []
         for path in self._adapter_modules[adapter_name]:
-            base, key = self._layer(path).base, f"{KEY_PREFIX}{path}.running_var"
-            if "running_var" in base and bool((base["running_var"] + deltas[key] < 0).any()):
-                negative.append(key)
+            layer = self._layer(path)
+            if "running_var" in layer.base and bool(
+                (layer.base["running_var"] + layer.keyed(deltas)["running_var"] < 0).any()
+            ):
+                negative.append(KEY_PREFIX + layer.tensor_paths["running_var"])
         if negative:
             raise InputError(f"The adapter gives a negative running variance to {', '.join(negative[:3])}.")
 

@@ -1,4 +1,5 @@
-"""The fallback for any `nn.Module`: one block per parameterised top-level module (below single-child wrappers).
+"""The fallback for any `nn.Module`: one block per parameterised top-level module (below single-child wrappers), and
+one per parameter the top-level container holds directly beside them.
 
 Such blocks are not a design's blocks, so block names cannot be resolved on them; they tell a user what to pass as
 `SurgicalConfig(target_modules=...)`.
@@ -33,6 +34,9 @@ class GenericResolver:
                 break
             name, module = parameterised[0]
             path = join(path, name)
-        if any(True for _ in module.parameters(recurse=False)):  # parameters held directly: the container is the block
+        if not parameterised:  # a single layer: the block is the whole of it
             return [BlockEntry(path or type(module).__name__, (path,), num_parameters(module))]
-        return [BlockEntry(join(path, n), (join(path, n),), num_parameters(c)) for n, c in parameterised]
+        own = [  # parameters a container holds beside its children (e.g. a cls_token): a block each
+            BlockEntry(join(path, n), (join(path, n),), p.numel()) for n, p in module.named_parameters(recurse=False)
+        ]
+        return own + [BlockEntry(join(path, n), (join(path, n),), num_parameters(c)) for n, c in parameterised]

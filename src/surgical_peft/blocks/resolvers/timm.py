@@ -13,9 +13,9 @@ vocabulary:
     norm, <name>        each module after the last block: a normalisation layer is `norm`, others keep their name
     head                the classifier (everything unmatched)
 
-A block is a set of module paths (the tuner tunes every tensor under a module). A tensor the model owns directly,
-outside any submodule (ViT's `cls_token`, `reg_token` and `pos_embed`), has no module of its own to name, so it
-belongs to no block and stays frozen; `loose_tensors` lists such tensors.
+A block is a set of module paths (the tuner tunes every tensor under a module) and, for a tensor the model owns
+directly beside its blocks (ViT's `cls_token`, `reg_token` and `pos_embed`, which timm puts in the `stem`), tensor
+paths: the tuner tunes such a tensor by itself.
 
 transformers' `TimmWrapperForImageClassification` (what `AutoModelForImageClassification` returns for `timm/...`
 checkpoints) holds the timm model under `timm_model`; its blocks are the timm model's, under that prefix. Nothing is
@@ -31,7 +31,7 @@ With timm (`pip install "surgical-peft[timm]"`)::
 
     model = timm.create_model("resnet18", num_classes=3)
     [entry.name for entry in TimmResolver().entries(model)]  # ['stem', 'stage1', ..., 'stage4', 'head']
-    loose_tensors(timm.create_model("vit_tiny_patch16_224"))  # ['cls_token', 'pos_embed']
+    list_blocks(timm.create_model("vit_tiny_patch16_224"))["stem"]  # ('cls_token', 'pos_embed', 'patch_embed')
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from typing import Any
 
 from torch import nn
 
-from ..block_map import BlockEntry, num_parameters
+from ..block_map import BlockEntry, parameters_under
 from ..names import HEAD
 from ..paths import join
 
-__all__ = ["TimmResolver", "loose_tensors"]
+__all__ = ["TimmResolver"]
 
 # timm's marker (`timm.models._manipulate.MATCH_PREV_GROUP`) for groups that follow the last block.
 _AFTER_BLOCKS = 99999.0
@@ -109,21 +109,21 @@ def _groups_under(group_of: dict[str, Ordinal]) -> dict[str, set[Ordinal]]:
 
 def _cover(
     module: nn.Module, path: str, group_of: dict[str, Ordinal], under: dict[str, set[Ordinal]]
-) -> Iterator[tuple[Ordinal | None, str]]:
+) -> Iterator[tuple[Ordinal, str]]:
     """(group, module path) for the largest modules whose tensors all lie in one group, in module order; a tensor
-    owned directly by a module that spans several groups comes out with group `None` and its tensor path."""
+    owned directly by a module that spans several groups comes out with its own group and its tensor path."""
     if path and len(under[path]) == 1:
         yield next(iter(under[path])), path
         return
     for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
         if join(path, name) in group_of:
-            yield None, join(path, name)
+            yield group_of[join(path, name)], join(path, name)
     for name, child in module.named_children():
         if join(path, name) in under:
             yield from _cover(child, join(path, name), group_of, under)
 
 
-def _covering_modules(model: nn.Module) -> list[tuple[Ordinal | None, str]]:
+def _covering_modules(model: nn.Module) -> list[tuple[Ordinal, str]]:
     """`_cover` of a whole timm model."""
     group_of = _ordinals(model)
     return list(_cover(model, "", group_of, _groups_under(group_of)))
@@ -141,24 +141,8 @@ def _name_after_blocks(model: nn.Module, path: str) -> str:
 
 
 def _entry(model: nn.Module, prefix: str, name: str, paths: list[str]) -> BlockEntry:
-    count = sum(num_parameters(model.get_submodule(path)) for path in paths)
+    count = sum(tensor.numel() for tensor in parameters_under(model, paths).values())
     return BlockEntry(name, tuple(join(prefix, path) for path in paths), count)
-
-
-def loose_tensors(model: nn.Module) -> list[str]:
-    """Tensors of a timm model (or TimmWrapper) that no block holds: those owned by a module whose tensors span
-    several layer groups, such as a ViT's `cls_token` and `pos_embed` on the model itself. `[]` for other models.
-
-    Example:
-        >>> from torch import nn
-        >>> loose_tensors(nn.Linear(2, 2))
-        []
-    """
-    found = _timm_model(model)
-    if found is None:
-        return []
-    inner, prefix = found
-    return [join(prefix, path) for group, path in _covering_modules(inner) if group is None]
 
 
 class TimmResolver:
@@ -174,8 +158,7 @@ class TimmResolver:
         inner, prefix = found
         groups: dict[Ordinal, list[str]] = {}
         for group, path in _covering_modules(inner):
-            if group is not None:
-                groups.setdefault(group, []).append(path)
+            groups.setdefault(group, []).append(path)
         matcher = inner.group_matcher(coarse=True)
         kinds = list(matcher) if isinstance(matcher, dict) else []
         kind = "stage" if _is_hierarchical(inner) else "layer"
