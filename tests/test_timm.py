@@ -17,7 +17,6 @@ from torch import nn
 
 from surgical_peft import SurgicalConfig, list_blocks
 from surgical_peft.blocks import unwrap_model
-from surgical_peft.blocks.resolvers.timm import loose_tensors
 from surgical_peft.hub import render_model_card
 
 timm = pytest.importorskip("timm")
@@ -85,22 +84,46 @@ def test_block_names_and_counts(name: str) -> None:
     blocks = list_blocks(model)
     assert blocks.structural
     assert list(blocks) == MODELS[name][1]
-    loose = loose_tensors(model)
-    for tensor_name in model.state_dict():  # every tensor in exactly one block, except those the root owns
-        owner = blocks.block_of(tensor_name)
-        assert (owner is None) == (tensor_name in loose), tensor_name
-    loose_count = sum(model.get_parameter(path).numel() for path in loose)
-    assert sum(blocks.num_parameters.values()) + loose_count == sum(p.numel() for p in model.parameters())
+    for tensor_name in model.state_dict():  # every tensor in exactly one block
+        assert blocks.block_of(tensor_name) is not None, tensor_name
+    assert sum(blocks.num_parameters.values()) == sum(p.numel() for p in model.parameters())
 
 
-def test_vit_root_tensors_belong_to_no_block() -> None:
-    # A timm ViT owns cls_token and pos_embed itself: no module holds them, so no block tunes them (they stay frozen).
+def vit_wrapper(seed: int = 0) -> nn.Module:
+    """transformers' TimmWrapperForImageClassification around a tiny timm ViT, built offline."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    arguments = {"img_size": 32, "patch_size": 8, "depth": 2}
+    config = TimmWrapperConfig.from_dict(
+        {"architecture": "vit_tiny_patch16_224", "num_classes": 3, "num_labels": 3, "model_args": arguments}
+    )
+    torch.manual_seed(seed)
+    return TimmWrapperForImageClassification(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("make", "prefix"), [(lambda: create("vit_tiny_patch16_224"), ""), (vit_wrapper, "timm_model.")]
+)
+def test_vit_root_tensors_are_in_the_stem(make: Callable[[], nn.Module], prefix: str) -> None:
+    # A timm ViT owns cls_token and pos_embed itself, beside its blocks: timm's stem group holds them, and so does
+    # the stem block, as tensor paths that the tuner tunes by themselves.
+    model = make()
+    stem = list_blocks(model)["stem"]
+    assert stem == tuple(f"{prefix}{path}" for path in ("cls_token", "pos_embed", "patch_embed"))
+    trainable = {
+        n.removeprefix(PREFIX)
+        for n, p in get_peft_model(model, SurgicalConfig(block="stem")).named_parameters()
+        if p.requires_grad
+    }
+    assert {f"{prefix}cls_token", f"{prefix}pos_embed", f"{prefix}patch_embed.proj.weight"} <= trainable
+    assert all(name.startswith(stem) for name in trainable)
+
+
+def test_vit_block_all_trains_every_parameter() -> None:
     model = create("vit_tiny_patch16_224")
-    assert loose_tensors(model) == ["cls_token", "pos_embed"]
-    assert list_blocks(model)["stem"] == ("patch_embed",)
     peft_model = get_peft_model(model, SurgicalConfig(block="all"))
     trainable = {n.removeprefix(PREFIX) for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.named_parameters()} - {"cls_token", "pos_embed"}
+    assert trainable == {n for n, _ in model.named_parameters()}
 
 
 def test_wrapper_blocks_are_the_timm_models() -> None:
@@ -130,10 +153,20 @@ def test_timm_model_without_group_matcher_gets_the_generic_map() -> None:
         (lambda seed: create("resnet18", seed), "stage1"),
         (lambda seed: create("resnet18", seed), "stem"),
         (lambda seed: create("vit_tiny_patch16_224", seed), "layer2"),
+        (lambda seed: create("vit_tiny_patch16_224", seed), "stem"),
+        (vit_wrapper, "stem"),
         (lambda seed: create("efficientnet_b0", seed), "stage3"),
         (wrapper, "stage2"),
     ],
-    ids=["resnet-stage1", "resnet-stem", "vit-layer2", "efficientnet-stage3", "wrapper-stage2"],
+    ids=[
+        "resnet-stage1",
+        "resnet-stem",
+        "vit-layer2",
+        "vit-stem",
+        "vit-wrapper-stem",
+        "efficientnet-stage3",
+        "wrapper-stage2",
+    ],
 )
 def test_round_trip_after_training_in_train_mode(make: Callable[[int], nn.Module], block: str, tmp_path: Path) -> None:
     model = make(0)
@@ -167,3 +200,29 @@ def test_model_card_loads_the_base_as_it_was_loaded(make: Callable[[], nn.Module
     card = render_model_card(get_peft_model(base, SurgicalConfig(block="stage4")), repo_id="me/resnet18-stage4")
     assert "pipeline_tag: image-classification" in card.splitlines()
     assert f"base = {loader}" in card.splitlines()
+
+
+def test_cli_trains_a_vit_wrappers_stem_on_your_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a user runs it: a timm ViT (fixed to 32-pixel images) saved by transformers, an imagefolder, `blocks`, then
+    # `train --block stem`, which tunes cls_token and pos_embed too; the images take the size the model is fixed to.
+    from PIL import Image
+
+    from surgical_peft.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vit_wrapper().save_pretrained(tmp_path / "model")
+    for label in range(3):
+        (tmp_path / "images" / str(label)).mkdir(parents=True)
+        for row in range(6):
+            Image.new("RGB", (20, 20), (80 * label, 30 * row, 0)).save(tmp_path / "images" / str(label) / f"{row}.png")
+    assert main(["blocks", str(tmp_path / "model")]) == 0
+    assert "timm_model.cls_token, timm_model.pos_embed, timm_model.patch_embed" in capsys.readouterr().out
+    argv = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "images"), "--train-n", "9"]
+    run = ["train", *argv, "--block", "stem", "--epochs", "1", "--no-progress", "--output-dir", str(tmp_path / "run")]
+    assert main(run) == 0
+    assert "9 for training, 9 for evaluation" in capsys.readouterr().out
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert {f"{PREFIX}timm_model.cls_token", f"{PREFIX}timm_model.pos_embed"} <= set(saved)
+    assert any(bool(saved[key].abs().max() > 0) for key in saved if key.endswith(("cls_token", "pos_embed")))

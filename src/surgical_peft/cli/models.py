@@ -48,13 +48,25 @@ class LoadedModel:
 
     @property
     def image_size(self) -> int:
-        """The side of the images the model takes (224 when its config does not say)."""
-        return getattr(self.model.config, "image_size", None) or _DEFAULT_IMAGE_SIZE
+        """The side of the images the model takes: its config's `image_size`, else a timm model's (transformers'
+        TimmWrapper has no `image_size`), else 224."""
+        return getattr(self.model.config, "image_size", None) or _timm_image_size(self.model) or _DEFAULT_IMAGE_SIZE
 
     def preprocess(self, split: Any, image_size: int | None = None) -> Any:
         """`split` (columns `image`, `label`) as the model's `{"pixel_values", "labels"}` examples (images of
         `image_size` pixels, default: the model's, unless its image processor says otherwise)."""
         return preprocess(split, self.processor, image_size=image_size or self.image_size)
+
+
+def _timm_image_size(model: nn.Module) -> int | None:
+    """The image side a timm model (inside a TimmWrapper) takes: the size its patch embedding is fixed to (a ViT
+    refuses any other), else the input size of its pretrained config; `None` for other models."""
+    timm_model = getattr(model, "timm_model", None)
+    fixed = getattr(getattr(timm_model, "patch_embed", None), "img_size", None)
+    if isinstance(fixed, (tuple, list)) and fixed:
+        return int(fixed[-1])
+    input_size = (getattr(timm_model, "pretrained_cfg", None) or {}).get("input_size")
+    return int(input_size[-1]) if input_size else None
 
 
 def _demo_model_path(shift: str, seed: int, cache_dir: str | None, state: Any, progress: bool) -> str:
