@@ -5,14 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from ...errors import InputError
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from peft import PeftModel
 
+    from ...privacy import PrivacyArguments
     from ..arguments import FineTuneArguments, FineTuneResult
     from ..loop import Examples
 
-__all__ = ["Phase", "SelfRunningStrategy", "Strategy"]
+__all__ = ["Phase", "SelfRunningStrategy", "Strategy", "private_run_settings"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,18 @@ class SelfRunningStrategy(Strategy, Protocol):
         args: FineTuneArguments,
         accelerator: Accelerator,
     ) -> FineTuneResult: ...
+
+
+def private_run_settings(
+    strategy: str, args: FineTuneArguments, accelerator: Accelerator, why: str
+) -> PrivacyArguments:
+    """`args.privacy` for a differentially private `strategy`, which trains on one process (`why`); an `InputError`
+    if there are none, or several processes."""
+    if args.privacy is None:
+        raise InputError(f"strategy={strategy!r} needs privacy=PrivacyArguments(epsilon=...).")
+    if accelerator.num_processes > 1:
+        raise InputError(
+            f"{strategy} trains on one process ({why}); run it without accelerate launch, not on "
+            f"{accelerator.num_processes} processes."
+        )
+    return args.privacy

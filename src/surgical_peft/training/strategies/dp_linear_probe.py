@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 from torch.utils.data import DataLoader
 
 from ...blocks import HEAD
-from ...errors import InputError
 from ...privacy import private_linear_probe
 from ..arguments import FineTuneArguments, FineTuneResult
 from ..evaluation import evaluate_accuracy
-from ._base import Phase
+from ._base import Phase, private_run_settings
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -46,15 +45,11 @@ class DPLinearProbe:
     ) -> FineTuneResult:
         """Train the head privately; the metrics hold only `eval_accuracy` (a training loss would be a release
         about the private data that the budget does not cover)."""
-        if args.privacy is None:
-            raise InputError("strategy='dp-linear-probe' needs privacy=PrivacyArguments(epsilon=...).")
-        if accelerator.num_processes > 1:
-            raise InputError(
-                "dp-linear-probe trains on one process (full-batch NoisyGD on features computed once); run it without "
-                f"accelerate launch, not on {accelerator.num_processes} processes."
-            )
+        settings = private_run_settings(
+            "dp-linear-probe", args, accelerator, "full-batch NoisyGD on features computed once"
+        )
         model.to(accelerator.device)
-        privacy = private_linear_probe(model, train_dataset, args.privacy, batch_size=args.batch_size)
+        privacy = private_linear_probe(model, train_dataset, settings, batch_size=args.batch_size)
         metrics: dict[str, float] = {}
         if eval_dataset is not None:
             loader = accelerator.prepare(DataLoader(eval_dataset, batch_size=args.batch_size))

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ...blocks import list_blocks
+from ...blocks import is_under, list_blocks
 from ...errors import InputError
 from ...privacy import check_delta
 from ..arguments import FineTuneArguments, FineTuneResult
 from ..epoch import train_epoch
 from ..evaluation import evaluate_accuracy
 from ..optimizer import make_optimizer
-from ._base import Phase
+from ._base import Phase, private_run_settings
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -42,11 +42,11 @@ def check_blocks(model: nn.Module, blocks: list[str]) -> None:
     it), naming the alternatives."""
     block_map = list_blocks(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    targets = block_map.target_modules(blocks)
     norms = [
-        f"{path}.{name}" if name else path
-        for path in block_map.target_modules(blocks)
-        for name, module in base.get_submodule(path).named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        path
+        for path, module in base.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and is_under(path, targets)
     ]
     if norms:
         raise InputError(
@@ -105,13 +105,12 @@ def _checked_privacy(
     model: nn.Module, examples: int, args: FineTuneArguments, accelerator: Accelerator
 ) -> PrivacyArguments:
     """`args.privacy`, once the run is known to be possible (one process, delta, blocks without BatchNorm, Opacus)."""
-    if args.privacy is None or accelerator.num_processes > 1:
-        raise InputError("dp-surgical needs privacy=PrivacyArguments(epsilon=...) and runs on one process.")
-    check_delta(args.privacy.delta, examples)
+    privacy = private_run_settings("dp-surgical", args, accelerator, "Opacus' per-sample gradients and accountant")
+    check_delta(privacy.delta, examples)
     check_blocks(model, args.blocks)
     if importlib.util.find_spec("opacus") is None:
         raise InputError("dp-surgical needs Opacus: pip install 'surgical-peft[dp]'.")
-    return args.privacy
+    return privacy
 
 
 def _make_private(
