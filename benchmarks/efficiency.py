@@ -613,7 +613,7 @@ def checkpointing_section(rows: list[CheckpointingRow], args: argparse.Namespace
         "configuration in a fresh process, the configurations in turn: the peak memory of its first "
         f"{MEMORY_STEPS} steps, measured as above, then the median of {schedule.epoch} steps after {schedule.warmup} "
         "more, with freed memory kept for reuse (as in the interleaved timing). Load average (1 min) while it ran: "
-        f"{min(loads):.1f} to {max(loads):.1f}, under `nice` on a shared machine.",
+        f"{min(loads):.1f} to {max(loads):.1f} on this machine.",
         "",
         "| configuration | step s | step: with / without checkpointing | peak memory MB | peak memory: with / "
         "without | peak memory % of full fine-tuning |",
