@@ -42,6 +42,7 @@ Usage:
     python benchmarks/shifts.py --quick          # a smoke run of every shift kind and method: a few minutes
     python benchmarks/shifts.py --report-only    # redraw report, CSV and heatmap from shifts.json
     python benchmarks/shifts.py --methods alternate,gradual --add   # run these rows only, added to shifts.json
+    python benchmarks/shifts.py ... --resume     # after a cut-short run: keep its cells, run the rest
 """
 
 from __future__ import annotations
@@ -714,9 +715,21 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _save_partial(cells: list[dict[str, Any]], path: Path) -> None:
-    """Write the cells done so far (the raw rows of `run_cell`) to `path`."""
-    path.write_text(json.dumps(cells, indent=1))
+def _save_partial(cells: list[dict[str, Any]], run: dict[str, Any], path: Path) -> None:
+    """Write the cells done so far (the raw rows of `run_cell`) to `path`, with the `run` (settings and methods)
+    they belong to, for `--resume`."""
+    path.write_text(json.dumps({**run, "cells": cells}, indent=1))
+
+
+def _load_partial(path: Path, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cells a cut-short run with the same settings and methods as `run` saved in `path`."""
+    if not path.exists():
+        raise SystemExit(f"--resume: no cut-short run to resume ({path} does not exist)")
+    saved = json.loads(path.read_text())
+    differing = [key for key in run if saved.get(key) != run[key]]
+    if differing:
+        raise SystemExit(f"--resume: {path} was run with other {' and '.join(differing)}; run without --resume")
+    return saved["cells"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -731,6 +744,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_methods,
         default=METHODS,
         help=f"comma-separated rows to run (default: all): {', '.join(METHODS)}; the sweep's brings every block's",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the cells a cut-short run with the same options saved (shifts-partial.json) and run the rest",
     )
     parser.add_argument(
         "--add",
@@ -757,11 +775,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python benchmarks/shifts.py" + (" --quick" if args.quick else "")
     command += f" --methods {','.join(args.methods)}" if args.methods != METHODS else ""
     command += " --add" if args.add else ""
+    command += " --resume" if args.resume else ""
     log.info("%s: %s", command, asdict(settings))
     start = time.perf_counter()
     own_source = ("subpopulation", "spurious")  # every other shift starts from the model pretrained on clean digits
     sources = sorted({(s if s in own_source else "none", seed) for s in settings.shifts for seed in settings.seeds})
-    cells_to_run = [(shift, seed, settings, args.methods) for seed in settings.seeds for shift in settings.shifts]
+    partial = stem.with_name(f"{stem.name}-partial.json")  # the cells done so far, in case the run is cut short
+    run = {"settings": json.loads(json.dumps(asdict(settings))), "methods": list(args.methods)}
+    resumed = _load_partial(partial, run) if args.resume else []
+    done = {(cell["shift"], cell["seed"]) for cell in resumed}
+    if resumed:
+        log.info("resuming: %d cells kept from %s (%s)", len(resumed), partial, sorted(done))
+    cells_to_run = [
+        (shift, seed, settings, args.methods)
+        for seed in settings.seeds
+        for shift in settings.shifts
+        if (shift, seed) not in done
+    ]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_init_worker) as pool:
         bar = tqdm(total=len(sources) + len(cells_to_run), desc="study")
@@ -773,8 +803,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar,
             lambda job, seconds: f"source model for {job[0]}, seed {job[1]}: {seconds:.0f} s",
         )
-        partial = stem.with_name(f"{stem.name}-partial.json")  # the cells done so far, in case the run is cut short
-        cells = _run_jobs(pool, run_cell, cells_to_run, bar, _describe_cell, lambda done: _save_partial(done, partial))
+        cells = resumed + _run_jobs(
+            pool, run_cell, cells_to_run, bar, _describe_cell, lambda new: _save_partial(resumed + new, run, partial)
+        )
         partial.unlink(missing_ok=True)
         bar.close()
     seconds = time.perf_counter() - start
