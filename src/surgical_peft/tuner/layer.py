@@ -17,7 +17,7 @@ for one module of a tuned block, is bookkeeping, held by the tuner (not inside t
 A module that owns tensors directly *and* holds submodules with tensors of their own (a container, such as a timm
 ViT, which owns `cls_token` and `pos_embed` beside its blocks, or transformers' `ViTEmbeddings`) gets one layer per
 tensor it owns (`names`), because such tensors belong to different blocks than the module's children
-(`owns_loose_tensors`).
+(`surgical_peft.tuner.targets`).
 
 Example:
     >>> import torch
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator, Mapping
-from itertools import chain
 
 import torch
 from torch import nn
@@ -64,25 +63,6 @@ def owned_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_parameters(recurse=False)
     for name in persistent_buffer_names(module):
         yield name, module.get_buffer(name)
-
-
-def owns_loose_tensors(module: nn.Module) -> bool:
-    """Whether `module` is a container that owns tensors directly beside submodules with tensors of their own: each
-    of its own tensors is then a target by itself (a tensor path such as `"cls_token"`), not with the module.
-
-    Example:
-        >>> class ViT(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.cls_token = nn.Parameter(torch.zeros(1, 4))
-        ...         self.blocks = nn.Linear(4, 4)
-        >>> owns_loose_tensors(ViT()), owns_loose_tensors(nn.Linear(2, 2))
-        (True, False)
-    """
-    owns = next(owned_tensors(module), None) is not None
-    return owns and any(
-        next(chain(child.parameters(), child.buffers()), None) is not None for child in module.children()
-    )
 
 
 def _distributed() -> bool:

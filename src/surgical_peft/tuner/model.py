@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -26,8 +26,9 @@ from ._internals import (
 from .checkpointing import compose
 from .config import SurgicalConfig
 from .fingerprint import check_fingerprint, fingerprint
-from .layer import SurgicalLayer, owned_tensors, owns_loose_tensors
+from .layer import SurgicalLayer, owned_tensors
 from .serialization import KEY_PREFIX, check_delta_state_dict, check_finite
+from .targets import owns_loose_tensors, tensor_targets
 
 __all__ = ["SurgicalModel"]
 
@@ -93,7 +94,7 @@ class SurgicalModel(BaseTuner):
         # whether the adapters already there are trainable.
         inference_modes = {name: other.inference_mode for name, other in self.peft_config.items()}
         self._adapter_modules[adapter_name] = []
-        tensors = self._tensor_targets(model, config)
+        tensors = tensor_targets(model, config)
         try:
             with self._tensors_only(model, config, tensors):
                 super().inject_adapter(model, adapter_name, **kwargs)
@@ -176,24 +177,6 @@ class SurgicalModel(BaseTuner):
         self.surgical_layers[key].add_adapter(adapter_name)
         return path
 
-    def _tensor_targets(self, model: nn.Module, config: SurgicalConfig) -> list[str]:
-        """The tensors owned by containers (`owns_loose_tensors`, e.g. a ViT's `cls_token`) that `config` targets
-        by themselves: matched as PEFT matches module names (`target_modules`, `exclude_modules`), exactly where
-        blocks name them; for a saved adapter's regex (never run), the tensors its weights file holds."""
-        if config.saved_modules is not None and isinstance(config.target_modules, str):
-            saved = set(config.saved_tensors or [])
-            targeted: Callable[[str], object] = saved.__contains__
-        else:
-            exact = set(config.target_modules or []) if config.blocks else None
-
-            def targeted(path: str) -> bool:
-                matched = BaseTuner._check_target_module_exists(config, path)
-                return bool(matched) and (exact is None or path in exact)
-
-        containers = [(path, m) for path, m in model.named_modules() if owns_loose_tensors(m)]
-        found = [join(path, name) for path, module in containers for name, _ in owned_tensors(module)]
-        return [path for path in found if targeted(path) and not is_under(path, config.modules_to_save or [])]
-
     def _restore_inference_modes(self, modes: dict[str, bool]) -> None:
         for name, mode in modes.items():
             if name in self.peft_config:
@@ -275,7 +258,7 @@ class SurgicalModel(BaseTuner):
         # could take forever (catastrophic backtracking, e.g. "(.+)+Z") on every module name of a large model.
         patterns = (peft_config.target_modules, peft_config.exclude_modules)
         if peft_config.saved_modules is not None and any(isinstance(pattern, str) for pattern in patterns):
-            # (a container's own tensors are targets by themselves: `_tensor_targets`)
+            # (a container's own tensors are targets by themselves: `targets.tensor_targets`)
             return key in peft_config.saved_modules and not owns_loose_tensors(self.model.get_submodule(key))
         return super()._check_target_module_exists(peft_config, key)
 
