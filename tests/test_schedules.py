@@ -241,3 +241,22 @@ def test_ddp_searches_for_unused_parameters_only_where_a_trained_one_can_go_unre
     block_map = list_blocks(build_model("resnet-basic"))
     phases = FineTuneArguments(strategy=strategy, blocks=blocks, epochs=3).phases()
     assert [may_leave_parameters_unused(phase.blocks, block_map) for phase in phases] == searches
+
+
+def test_another_peft_methods_adapter_trains_whole_and_refuses_block_schedules() -> None:
+    # A LoRA PeftModel (as the study trains one) goes through the loop as a whole: strategy 'full' trains its
+    # adapter; a strategy that trains some blocks at a time cannot, and says so before training.
+    from peft import LoraConfig, get_peft_model
+
+    from surgical_peft.errors import InputError
+
+    lora = get_peft_model(
+        build_model("resnet-basic"), LoraConfig(target_modules=["convolution"], init_lora_weights=False)
+    )
+    before = {name: p.detach().clone() for name, p in lora.named_parameters() if p.requires_grad}
+    fine_tune(lora, DATA, None, FineTuneArguments(strategy="full", epochs=1, batch_size=4, progress=False))
+    trained = dict(lora.named_parameters())
+    assert before and all(not torch.equal(trained[name], tensor) for name, tensor in before.items())
+    other = get_peft_model(build_model("resnet-basic"), LoraConfig(target_modules=["convolution"]))
+    with pytest.raises(InputError, match=r"strategy='lp-ft' trains some blocks at a time.*LoraModel"):
+        fine_tune(other, DATA, None, FineTuneArguments(strategy="lp-ft", epochs=2, batch_size=4, progress=False))

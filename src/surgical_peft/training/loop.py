@@ -45,7 +45,7 @@ from ..blocks import ALL, AUTO, BlockMap, list_blocks
 from ..errors import InputError
 from ..features import FeatureCache, IndexedDataset
 from ..selection import select_blocks
-from ..tuner import SurgicalConfig, quiet_get_peft_model
+from ..tuner import SurgicalConfig, SurgicalModel, quiet_get_peft_model
 from .accelerator import make_accelerator, set_unused_parameter_search
 from .arguments import FineTuneArguments, FineTuneResult
 from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -179,12 +179,25 @@ def _trainable(run: _Run) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in run.model.base_model.model.named_parameters() if p.requires_grad]
 
 
+def _train_only(run: _Run, module_paths: list[str] | None) -> None:
+    """`SurgicalModel.train_only(module_paths)`. Another PEFT method's adapter (LoRA, say) trains as a whole, so
+    only strategies whose phases train every block (`full`) can train it; the others raise an `InputError`."""
+    tuner = run.model.base_model
+    if isinstance(tuner, SurgicalModel):
+        tuner.train_only(module_paths)
+    elif module_paths is not None:
+        raise InputError(
+            f"strategy={run.args.strategy!r} trains some blocks at a time, which needs a surgical adapter; this "
+            f"PeftModel's is a {type(tuner).__name__}, which trains as a whole: use strategy='full'."
+        )
+
+
 def _optimizer(run: _Run, phase: Phase) -> torch.optim.Optimizer:
     """The optimizer of `phase`: the previous phase's when it trains at the same learning rate, so that the AdamW
     state of a block that stays trainable, or comes back, carries on (tensors out of the phase get no gradient, and
     AdamW leaves them and their state alone); else a new one over every tensor of the adapter."""
     if run.optimizer is None or run.optimizer_rate != phase.learning_rate:
-        run.model.base_model.train_only(None)
+        _train_only(run, None)
         trainable = _trainable(run)
         depths = block_depths(run.block_map, [name for name, _ in trainable]) if run.args.lr_decay != 1 else None
         run.optimizer = make_optimizer([p for _, p in trainable], phase.learning_rate, run.args, depths)
@@ -205,7 +218,7 @@ def _switcher(run: _Run, phase: Phase, epoch: int, batches: int) -> Callable[[in
     def switch(batch: int) -> None:
         turn = ((epoch * batches + batch) // batches_per_turn) % len(targets)
         if current != [turn]:
-            run.model.base_model.train_only(targets[turn])
+            _train_only(run, targets[turn])
             current[:] = [turn]
 
     return switch
@@ -216,7 +229,7 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
     args, accelerator = run.args, run.accelerator
     run.model.base_model.set_requires_grad(run.model.active_adapter, True)
     optimizer = _optimizer(run, phase)
-    run.model.base_model.train_only(None if phase.blocks == [ALL] else run.block_map.target_modules(phase.blocks))
+    _train_only(run, None if phase.blocks == [ALL] else run.block_map.target_modules(phase.blocks))
     parameters = [p for _, p in _trainable(run)]
     if run.owns_accelerator:
         set_unused_parameter_search(accelerator, phase.blocks, run.block_map, switches=phase.switch_every is not None)
@@ -303,7 +316,7 @@ def fine_tune(
     for index, phase in enumerate(args.phases()):
         accuracy = _run_phase(run, index, phase)
         last_accuracy = accuracy if accuracy is not None else last_accuracy
-    run.model.base_model.train_only(None)
+    _train_only(run, None)
     history = run.progress.history
     metrics = {"train_loss": history[-1]["train_loss"] if history else math.nan}
     if run.eval_loader is not None:  # this call's last epoch scored the final weights, unless it ran none (resumed)
