@@ -131,9 +131,14 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         """The live tensors this layer keeps track of, by their name on the module."""
         return {name: tensor for name, tensor in owned_tensors(self.module) if name in self.tensor_paths}
 
+    @property
+    def file_keys(self) -> dict[str, str]:
+        """Tensor name on the module -> its key in the adapter file."""
+        return {name: KEY_PREFIX + path for name, path in self.tensor_paths.items()}
+
     def keyed(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This layer's entries of an adapter `state_dict` (keyed as in the adapter file), by tensor name."""
-        return {name: state_dict[KEY_PREFIX + path] for name, path in self.tensor_paths.items()}
+        return {name: state_dict[key] for name, key in self.file_keys.items()}
 
     def add_adapter(self, adapter_name: str) -> None:
         """Register an adapter with a zero delta."""

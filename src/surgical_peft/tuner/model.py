@@ -237,7 +237,7 @@ class SurgicalModel(BaseTuner):
         """The base snapshot of the tensor at `path` where a layer keeps one, else `live` (the tensor itself)."""
         module_path, _, name = path.rpartition(".")
         for key in (to_key(path), to_key(module_path)):  # a container's tensor has a layer of its own
-            if key in self.surgical_layers and self.surgical_layers[key].tensor_paths.get(name) == path:
+            if key in self.surgical_layers and name in self.surgical_layers[key].base:
                 return self.surgical_layers[key].base[name]
         return live
 
@@ -586,11 +586,7 @@ class SurgicalModel(BaseTuner):
     def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The live tensors an adapter applies to, keyed as in the adapter file."""
         layers = [self._layer(path) for path in self._adapter_modules[adapter_name]]
-        return {
-            KEY_PREFIX + layer.tensor_paths[name]: tensor
-            for layer in layers
-            for name, tensor in layer.tensors().items()
-        }
+        return {layer.file_keys[name]: tensor for layer in layers for name, tensor in layer.tensors().items()}
 
     @classmethod
     def _get_adapter_state_dict(
@@ -610,7 +606,7 @@ class SurgicalModel(BaseTuner):
         deltas, parameters, lives = {}, set(), {}
         for path in tuner._adapter_modules[adapter_name]:
             layer = tuner._layer(path)
-            keys = {name: KEY_PREFIX + tensor_path for name, tensor_path in layer.tensor_paths.items()}
+            keys = layer.file_keys
             # Under FSDP or DeepSpeed the gathered `state_dict` holds the full tensors; the module may hold shards.
             live = {name: state_dict[key] for name, key in keys.items() if key in state_dict}
             lives[path] = live
@@ -671,10 +667,11 @@ class SurgicalModel(BaseTuner):
         negative = []
         for path in self._adapter_modules[adapter_name]:
             layer = self._layer(path)
-            if "running_var" in layer.base and bool(
-                (layer.base["running_var"] + layer.keyed(deltas)["running_var"] < 0).any()
-            ):
-                negative.append(KEY_PREFIX + layer.tensor_paths["running_var"])
+            if "running_var" not in layer.base:
+                continue
+            key = layer.file_keys["running_var"]
+            if bool((layer.base["running_var"] + deltas[key] < 0).any()):
+                negative.append(key)
         if negative:
             raise InputError(f"The adapter gives a negative running variance to {', '.join(negative[:3])}.")
 
