@@ -40,6 +40,9 @@ class TwoTowers(nn.Module):
 
 
 def trainable(model: nn.Module) -> set[str]:
+    """The names of the parameters that train, in the model itself (under a PeftModel: `base_model.model.<name>`)."""
+    if isinstance(model, PeftModel):
+        return {f"base_model.model.{name}" for name in trainable(model.base_model.model)}
     return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
@@ -110,7 +113,7 @@ def test_list_of_blocks_in_forward_order(make_model: Callable[..., nn.Module]) -
 def test_all_blocks_tunes_everything(make_model: Callable[..., nn.Module]) -> None:
     model = make_model("resnet-basic")
     peft_model = get_peft_model(model, SurgicalConfig(block="all"))
-    assert trainable(peft_model) == {name for name, _ in peft_model.named_parameters()}
+    assert trainable(peft_model) == {f"base_model.model.{name}" for name, _ in model.named_parameters()}
 
 
 def test_target_modules_on_plain_sequential() -> None:

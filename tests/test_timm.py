@@ -110,20 +110,16 @@ def test_vit_root_tensors_are_in_the_stem(make: Callable[[], nn.Module], prefix:
     model = make()
     stem = list_blocks(model)["stem"]
     assert stem == tuple(f"{prefix}{path}" for path in ("cls_token", "pos_embed", "patch_embed"))
-    trainable = {
-        n.removeprefix(PREFIX)
-        for n, p in get_peft_model(model, SurgicalConfig(block="stem")).named_parameters()
-        if p.requires_grad
-    }
+    get_peft_model(model, SurgicalConfig(block="stem"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {f"{prefix}cls_token", f"{prefix}pos_embed", f"{prefix}patch_embed.proj.weight"} <= trainable
     assert all(name.startswith(stem) for name in trainable)
 
 
 def test_vit_block_all_trains_every_parameter() -> None:
     model = create("vit_tiny_patch16_224")
-    peft_model = get_peft_model(model, SurgicalConfig(block="all"))
-    trainable = {n.removeprefix(PREFIX) for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.named_parameters()}
+    get_peft_model(model, SurgicalConfig(block="all"))
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_wrapper_blocks_are_the_timm_models() -> None:

@@ -19,14 +19,17 @@ from surgical_peft import SurgicalConfig, SurgicalModel, list_blocks
 def test_only_the_block_is_trainable(arch: str, middle_block: str, make_model: Callable[..., nn.Module]) -> None:
     model = make_model(arch)
     peft_model = get_peft_model(model, SurgicalConfig(block=middle_block))
-    trainable = {
-        name.removeprefix("base_model.model.") for name, p in peft_model.named_parameters() if p.requires_grad
-    }
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     blocks = list_blocks(model)
     assert trainable == {name for name, _ in model.named_parameters() if blocks.block_of(name) == middle_block}
     assert peft_model.get_nb_trainable_parameters() == (blocks.num_parameters[middle_block], model.num_parameters())
-    # nothing is added to the model: its state dict and forward are its own
-    assert list(peft_model.state_dict()) == [f"base_model.model.{name}" for name in model.state_dict()]
+    # PEFT's naming: the PeftModel lists the tuned parameters (the model's own) under the tuner prefix and the adapter
+    listed = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert len(listed) == len(trainable) and all(".tuned.default." in name for name in listed)
+    assert all(name.startswith("base_model.surgical_layers.") for name in listed)
+    # nothing is added to the model: its state dict and forward are its own (the PeftModel's also names them there)
+    own = [name for name in peft_model.state_dict() if name.startswith("base_model.model.")]
+    assert own == [f"base_model.model.{name}" for name in model.state_dict()]
 
 
 def test_training_changes_only_the_block(
@@ -132,7 +135,7 @@ def test_set_adapter_makes_only_the_new_block_trainable(make_model: Callable[...
     peft_model = get_peft_model(make_model("vit"), SurgicalConfig(block="layer1"), adapter_name="one")
     peft_model.add_adapter("two", SurgicalConfig(block="layer2"))
     peft_model.set_adapter("two")
-    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    trainable = {name for name, p in peft_model.base_model.model.named_parameters() if p.requires_grad}
     assert trainable and all(".layers.1." in name for name in trainable)
 
 
@@ -281,8 +284,8 @@ def test_gradient_checkpointing(
     peft_model = get_peft_model(model, SurgicalConfig(block="layer2"))
     peft_model.train()
     peft_model(pixel_values=pixel_values, labels=labels).loss.backward()
-    with_grad = {name for name, p in peft_model.named_parameters() if p.grad is not None}
-    assert with_grad == {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    with_grad = {name for name, p in peft_model.base_model.model.named_parameters() if p.grad is not None}
+    assert with_grad == {name for name, p in peft_model.base_model.model.named_parameters() if p.requires_grad}
     assert all(".layers.1." in name for name in with_grad)
 
 
@@ -315,9 +318,9 @@ def test_modules_to_save_head(
     assert {k: v for k, v in recorded.items() if k != "head"} == {  # ... the backbone is
         k: v for k, v in plain.base_fingerprint["blocks"].items() if k != "head"
     }
-    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
-    assert {name.split(".")[2] for name in trainable} == {"resnet", "classifier"}
-    assert all(".modules_to_save.default." in name for name in trainable if ".classifier." in name)
+    trainable = {name for name, p in peft_model.base_model.model.named_parameters() if p.requires_grad}
+    assert {name.split(".")[0] for name in trainable} == {"resnet", "classifier"}
+    assert all(".modules_to_save.default." in name for name in trainable if name.startswith("classifier."))
     train(peft_model)
     tuned_logits = logits_of(peft_model)
     peft_model.add_adapter("other", SurgicalConfig(block="stage2", modules_to_save=["classifier"]))
@@ -414,7 +417,7 @@ def test_a_containers_own_tensor_is_a_target_by_itself(target_modules: Any, tmp_
     # The root owns cls_token beside its blocks: a target of its own (a layer keyed by its tensor path), so tuning
     # it leaves the root's children frozen, and it saves, loads and combines exactly.
     model = get_peft_model(_token_net(0), SurgicalConfig(target_modules=target_modules))
-    trainable = {name.removeprefix("base_model.model.") for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {name for name, p in model.base_model.model.named_parameters() if p.requires_grad}
     assert trainable == {"cls_token", "head.weight", "head.bias"}
     assert set(model.base_model.surgical_layers) == {"cls_token", "head"}
     inputs = torch.randn(8, 4)
@@ -451,5 +454,5 @@ def test_a_container_module_target_tunes_its_tensors_one_layer_each() -> None:
     assert {"vit/embeddings/cls_token", "vit/embeddings/position_embeddings"} <= set(layers)
     assert layers["vit/embeddings/cls_token"].adapters == {"all", "token"}
     model.base_model.set_adapter("token")
-    trainable = {name.removeprefix("base_model.model.") for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {name for name, p in model.base_model.model.named_parameters() if p.requires_grad}
     assert trainable == {"vit.embeddings.cls_token"}

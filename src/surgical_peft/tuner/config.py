@@ -24,9 +24,10 @@ from ..errors import InputError
 from .fingerprint import check_fingerprint_format
 from .serialization import KEY_PREFIX, RECORDED_FIELDS, read_adapter_file
 
-__all__ = ["DELTA_DTYPES", "SurgicalConfig", "read_saved_config"]
+__all__ = ["BIAS_CHOICES", "DELTA_DTYPES", "SurgicalConfig", "read_saved_config"]
 
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
+BIAS_CHOICES = ("surgical_only", "all")
 _NO_PEFT_TYPE = "{path} has no peft_type field: PEFT cannot tell which method's adapter it holds."
 
 
@@ -64,6 +65,10 @@ class SurgicalConfig(PeftConfig):
             exactly as before; `False`: small random deltas (noise of 2% of each parameter tensor's standard deviation,
             BatchNorm statistics untouched, from torch's global RNG), PEFT's convention for a non-identity adapter
             in tests. Adapters saved without the field load with `True`.
+        bias: which biases train, PEFT's option (LoRA's `bias`): `"surgical_only"` (default), those of the tuned
+            modules, which train with them; `"all"`: every bias of the model too (a parameter whose name contains
+            "bias", as PEFT picks them), each tuned and saved as a delta like the block (BitFit beside the block).
+            Such an adapter must be the model's only one (as PEFT allows one LoRA adapter with biases).
 
     Example:
         >>> from surgical_peft import SurgicalConfig
@@ -98,6 +103,10 @@ class SurgicalConfig(PeftConfig):
     auto_top_k: int = field(default=1, metadata={"help": "How many top-ranked blocks block='auto' tunes."})
     init_weights: bool = field(
         default=True, metadata={"help": "True: a new adapter starts at the base weights; False: small random deltas."}
+    )
+    bias: str = field(
+        default="surgical_only",
+        metadata={"help": f"Which biases train, one of {BIAS_CHOICES}: the tuned modules' (default), or every bias."},
     )
 
     def __post_init__(self) -> None:
@@ -290,6 +299,8 @@ def check_fields(values: Mapping[str, Any]) -> None:
     task_type = values.get("task_type")
     if task_type is not None and task_type not in TaskType.__members__:
         raise InputError(f"Unknown task_type {task_type!r:.100}. Valid: None, {', '.join(TaskType.__members__)}.")
+    if values.get("bias", BIAS_CHOICES[0]) not in BIAS_CHOICES:
+        raise InputError(f"Unknown bias {values['bias']!r:.100}. Valid: {', '.join(BIAS_CHOICES)}.")
     if not isinstance(values.get("init_weights", True), bool):
         raise InputError(f"init_weights must be True or False, got {values['init_weights']!r}.")
     if not isinstance(values.get("verify_base", True), bool):

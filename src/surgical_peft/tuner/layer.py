@@ -85,6 +85,18 @@ def _offloaded_copy(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         return {name: tensor.detach().to("cpu", copy=True) for name, tensor in tensors.items()}
 
 
+class _AdapterParameters(nn.Module):
+    """The live parameters of the one adapter a module holds, listed under the adapter's name (PEFT's naming:
+    `surgical_layers.<module>.tuned.<adapter>.weight`). They are the module's own parameters, not copies: a state
+    dict holds them under both names (as tied weights), and a state dict without these names (the model's own, an
+    older checkpoint) loads without missing keys, since the model's names carry the same tensors."""
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping, prefix: str, metadata: dict, strict: bool, missing: list, *args: object
+    ) -> None:
+        super()._load_from_state_dict(state_dict, prefix, metadata, strict, [], *args)
+
+
 class SurgicalLayer(nn.Module, BaseTunerLayer):
     """Base snapshot and per-adapter deltas of the tensors one module owns directly (see the module docstring)."""
 
@@ -105,6 +117,7 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []  # PEFT's view: the loaded adapters once `merge_adapter` declared them
         # The sizes PEFT's layers expose (None where the module has none, e.g. a norm).
         self.in_features, self.out_features = in_out_features(module)
+        self.tuned = nn.ModuleDict()  # the loaded adapter's name -> the module's live parameters (see `_name`)
 
     # BaseTunerLayer's view, for PEFT's status tools: `active_adapter` and `disable_adapters` report the tuner's state
     # (set through `set_status`), the same on every layer as PEFT expects, whether or not this layer's module belongs
@@ -168,7 +181,9 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
     @torch.no_grad()
     def set_delta(self, adapter_name: str, delta: Mapping[str, torch.Tensor]) -> None:
         """Give `adapter_name` the weights `base + delta` (a loaded sum it is a term of is rewritten)."""
-        tuned = {name: base + delta[name].to("cpu", base.dtype) for name, base in self.base.items()}
+        # (in float32 where the deltas are and the base is half precision: PEFT's autocast, `precision`)
+        dtypes = {name: torch.promote_types(base.dtype, delta[name].dtype) for name, base in self.base.items()}
+        tuned = {name: base.to(dtypes[name]) + delta[name].to("cpu", dtypes[name]) for name, base in self.base.items()}
         if (adapter_name,) == self.loaded:
             self._write(tuned)
             return
@@ -242,6 +257,20 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         if target is not None or held:  # an untrained adapter on the base weights: nothing to write
             self._write(self.base if target is None else target)
         self.loaded = adapter_names
+        self._name()
+
+    def _name(self) -> None:
+        """Register the module's live parameters under the loaded adapter's name when one adapter is loaded (as PEFT
+        names an adapter's parameters), so that the model's parameters list them there: `named_parameters()` keeps
+        the first name of a parameter, and the tuner lists its layers before the model."""
+        self.tuned.clear()
+        if len(self.loaded) != 1:
+            return
+        own = _AdapterParameters()
+        # Set directly, not with `register_parameter`, which accelerate's `init_empty_weights` (PEFT's
+        # `low_cpu_mem_usage`) replaces with one that registers a copy on the meta device.
+        own._parameters = {n: p for n, p in self.module.named_parameters(recurse=False) if n in self.tensor_paths}
+        self.tuned[self.loaded[0]] = own
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Forget `adapter_name`; the module holds the other loaded adapters' weights (or the base) without it."""

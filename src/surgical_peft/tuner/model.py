@@ -27,8 +27,9 @@ from .checkpointing import compose
 from .config import SurgicalConfig
 from .fingerprint import check_fingerprint, fingerprint
 from .layer import SurgicalLayer, owned_tensors
+from .precision import Upcasts
 from .serialization import KEY_PREFIX, check_delta_state_dict, check_finite
-from .targets import owns_loose_tensors, tensor_targets
+from .targets import bias_targets, owns_loose_tensors, tensor_targets
 
 __all__ = ["SurgicalModel"]
 
@@ -50,9 +51,12 @@ class SurgicalModel(BaseTuner):
         >>> model = get_peft_model(base, SurgicalConfig(block="stage1"))
         >>> model.peft_config["default"].target_modules
         ['resnet.encoder.stages.0']
-        >>> trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        >>> trainable = [name for name, p in model.base_model.model.named_parameters() if p.requires_grad]
         >>> sorted({name.split(".layers.")[0] for name in trainable})
-        ['base_model.model.resnet.encoder.stages.0']
+        ['resnet.encoder.stages.0']
+        >>> next(name for name, p in model.named_parameters() if p.requires_grad)  # PEFT's naming of them
+        'base_model.surgical_layers.resnet/encoder/stages/0/layers/0/layer/0/convolution.tuned.default.weight'
+
     """
 
     prefix: str = "surgical_"
@@ -65,7 +69,10 @@ class SurgicalModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: SurgicalConfig, adapter_name: str) -> None:
         # Called by BaseTuner.__init__ once nn.Module is set up and before the first adapter is injected.
         self.surgical_layers = nn.ModuleDict()  # module path ("." as "/") -> layer, shared by all adapters
+        self._modules["model"] = self._modules.pop("model")  # the layers first: their names for tuned parameters
         self._adapter_modules: dict[str, list[str]] = {}  # adapter -> paths of the modules it tunes
+        self._adapter_targets: dict[str, list[str]] = {}  # adapter -> the module paths PEFT matched (outermost)
+        self._upcasts = Upcasts()  # autocast adapters' targets on a half-precision model (`_cast_adapter_dtype`)
         self._pending_targets: list[str] = []
         self._adapters_enabled = True
         self._base_fingerprint: dict[str, Any] | None = None
@@ -116,6 +123,19 @@ class SurgicalModel(BaseTuner):
         config.base_fingerprint = config.base_fingerprint or current
         self._activate(self.active_adapters)
 
+    def _check_new_adapter_config(self, config: SurgicalConfig) -> None:
+        """PEFT's check of a new adapter (already in `peft_config`), for this tuner's `bias` values: an adapter with
+        `bias="all"` (which tunes every bias of the model) must be the model's only one."""
+        with_bias = [name for name, other in self.peft_config.items() if other.bias == "all"]
+        if with_bias and len(self.peft_config) > 1:
+            new = next(name for name, other in self.peft_config.items() if other is config)
+            others = [name for name in self.peft_config if name != new]
+            raise InputError(
+                f"Adapter(s) {with_bias} have bias='all', which tunes every bias of the model, so such an adapter "
+                f"must be the model's only one; cannot add {new!r} beside {others}. Use bias='surgical_only' (the "
+                "tuned modules' biases only), or delete the other adapter first."
+            )
+
     @staticmethod
     def _check_base(config: SurgicalConfig, current: dict[str, Any]) -> None:
         """An `InputError` unless the base fingerprint the adapter records matches the model's (`current`)."""
@@ -147,6 +167,7 @@ class SurgicalModel(BaseTuner):
         if config.blocks:  # exact module paths: PEFT's suffix match of `conv1` would also take `layer1.0.conv1`
             pending = [path for path in pending if path in config.target_modules]
         targets = [path for path in pending if not is_under(path, [other for other in pending if other != path])]
+        self._adapter_targets[adapter_name] = targets
         owners = self._adapter_modules[adapter_name]
         for target in targets:
             for name, module in model.get_submodule(target).named_modules(prefix=target):
@@ -158,13 +179,18 @@ class SurgicalModel(BaseTuner):
                 for tensor_name, _ in owned_tensors(module):  # a container's tensors are targets of their own
                     tensor_path = join(name, tensor_name)
                     owners.append(self._add_layer(adapter_name, tensor_path, module, name, (tensor_name,)))
-        for tensor_path in (path for path in tensors if not is_under(path, targets)):
-            owner, _, tensor_name = tensor_path.rpartition(".")
-            owners.append(
-                self._add_layer(adapter_name, tensor_path, model.get_submodule(owner), owner, (tensor_name,))
-            )
+        self._add_tensor_layers(adapter_name, [path for path in tensors if not is_under(path, targets)])
         if not owners:
             raise InputError(f"The modules matched by target_modules={config.target_modules} hold no tensors to tune.")
+
+    def _add_tensor_layers(self, adapter_name: str, tensor_paths: list[str]) -> None:
+        """Make `adapter_name` tune each tensor of `tensor_paths` by itself (a layer keyed by its tensor path)."""
+        for tensor_path in tensor_paths:
+            owner, _, tensor_name = tensor_path.rpartition(".")
+            module = self.model.get_submodule(owner)
+            self._adapter_modules[adapter_name].append(
+                self._add_layer(adapter_name, tensor_path, module, owner, (tensor_name,))
+            )
 
     def _add_layer(
         self, adapter_name: str, path: str, module: nn.Module, owner: str, names: tuple[str, ...] | None = None
@@ -258,16 +284,26 @@ class SurgicalModel(BaseTuner):
         # could take forever (catastrophic backtracking, e.g. "(.+)+Z") on every module name of a large model.
         patterns = (peft_config.target_modules, peft_config.exclude_modules)
         if peft_config.saved_modules is not None and any(isinstance(pattern, str) for pattern in patterns):
-            # (a container's own tensors are targets by themselves: `targets.tensor_targets`)
-            return key in peft_config.saved_modules and not owns_loose_tensors(self.model.get_submodule(key))
+            # A module matches where the file holds all its tensors; a container's own tensors, and with bias="all"
+            # a bias alone, are targets by themselves (`targets.tensor_targets`).
+            module = self.model.get_submodule(key)
+            saved = set(peft_config.saved_tensors or [])
+            return (
+                key in peft_config.saved_modules
+                and not owns_loose_tensors(module)
+                and all(join(key, name) in saved for name, _ in owned_tensors(module))
+            )
         return super()._check_target_module_exists(peft_config, key)
 
     def _prepare_adapter_config(self, peft_config: SurgicalConfig, model_config: dict) -> SurgicalConfig:
         return peft_config
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # The tuned tensors are the model's own; their dtype is the model's.
-        return
+        """PEFT's `autocast_adapter_dtype` (its default): on a float16/bfloat16 model, the adapter's target modules
+        run in float32 while it is loaded (`precision.Upcasts`); a float32 model is left as it is."""
+        if autocast_adapter_dtype and adapter_name in self._adapter_targets:
+            self._upcasts.add(self.model, self._adapter_targets[adapter_name], adapter_name)
+            self._activate(self.active_adapters)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         # Trainability is set by `_activate`, which knows the active adapter's modules.
@@ -281,11 +317,13 @@ class SurgicalModel(BaseTuner):
         mode); a module tuned by several holds the base plus the sum of their deltas and stays frozen."""
         loaded = list(adapter_names) if self._adapters_enabled else []
         owners = self._owners(loaded)
+        self._upcasts.apply(loaded, only_up=True)  # float32 first, so that weights are stashed and written in it
         for key, layer in self.surgical_layers.items():
             layer.load(*owners.get(from_key(key), ()))
             layer.set_status(adapter_names, self._adapters_enabled)
             if tuple(layer.merged_adapters) != layer.loaded:  # switched away: the merge is over
                 layer.merged_adapters = []
+        self._upcasts.apply(loaded)
         training = self._training_modules(loaded)
         trainable = {path for path, name in training.items() if not self.peft_config[name].inference_mode}
         auxiliary = [name for name, _ in self._auxiliary_modules()]
@@ -335,7 +373,8 @@ class SurgicalModel(BaseTuner):
             >>> base = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]))
             >>> model = get_peft_model(base, SurgicalConfig(block=["stage1", "head"]))
             >>> model.base_model.train_only(["classifier"])
-            >>> sorted({name.split(".")[2] for name, p in model.named_parameters() if p.requires_grad})
+            >>> trainable = [name for name, p in model.base_model.model.named_parameters() if p.requires_grad]
+            >>> sorted({name.split(".")[0] for name in trainable})
             ['classifier']
         """
         self._training_subset = None if module_paths is None else list(module_paths)
@@ -397,8 +436,9 @@ class SurgicalModel(BaseTuner):
             >>> model.base_model.set_adapter(["one", "two"])
             >>> model.active_adapters
             ['one', 'two']
-            >>> sorted({name.split(".layers.")[0] for name, p in model.named_parameters() if p.requires_grad})
-            ['base_model.model.resnet.encoder.stages.0', 'base_model.model.resnet.encoder.stages.1']
+            >>> trainable = [name for name, p in model.base_model.model.named_parameters() if p.requires_grad]
+            >>> sorted({name.split(".layers.")[0] for name in trainable})
+            ['resnet.encoder.stages.0', 'resnet.encoder.stages.1']
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
@@ -419,6 +459,11 @@ class SurgicalModel(BaseTuner):
     def _auxiliary_modules(self) -> list[tuple[str, AuxiliaryTrainingWrapper]]:
         """PEFT's wrappers of `modules_to_save`, which switch, train and unload by themselves."""
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+
+    def disable_adapter_layers(self) -> None:
+        """Disable all adapters: the model computes exactly as the base (PEFT warns here for LoRA's `bias`, whose
+        trained biases stay; the tuned biases here, with `bias="all"` too, go back to the base like the rest)."""
+        self._enable_adapter_layers(enabled=False)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         self._adapters_enabled = enabled
@@ -447,6 +492,8 @@ class SurgicalModel(BaseTuner):
             )
         del self.peft_config[adapter_name]
         self._awaiting_weights.discard(adapter_name)
+        self._adapter_targets.pop(adapter_name, None)
+        self._upcasts.remove(adapter_name)
         for path in self._adapter_modules.pop(adapter_name):
             layer = self._layer(path)
             layer.delete_adapter(adapter_name)
@@ -561,6 +608,9 @@ class SurgicalModel(BaseTuner):
                 else module.original_module
             )
             setattr(self.model.get_submodule(parent), name, unwrapped)
+        for name in list(self._adapter_targets):
+            self._upcasts.remove(name)
+        self._upcasts.apply([])  # (merged weights rounded to the model's dtype, as PEFT merges)
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_(self._requires_grad_before.get(name, parameter.requires_grad))
         for module in self.model.modules():  # no norm is held in eval mode any more
@@ -568,6 +618,7 @@ class SurgicalModel(BaseTuner):
                 module.train(self.model.training)
         self.surgical_layers.clear()
         self._adapter_modules.clear()
+        self._adapter_targets.clear()
         self._requires_grad_before = {}
         self._awaiting_weights.clear()
         self._base_fingerprint = None
@@ -584,9 +635,9 @@ class SurgicalModel(BaseTuner):
         return tuner
 
     def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The live tensors an adapter applies to, keyed as in the adapter file."""
+        """The base snapshots of the tensors an adapter applies to, keyed as in the adapter file."""
         layers = [self._layer(path) for path in self._adapter_modules[adapter_name]]
-        return {layer.file_keys[name]: tensor for layer in layers for name, tensor in layer.tensors().items()}
+        return {layer.file_keys[name]: base for layer in layers for name, base in layer.base.items()}
 
     @classmethod
     def _get_adapter_state_dict(
@@ -648,8 +699,13 @@ class SurgicalModel(BaseTuner):
         auxiliary = tuple(f"{KEY_PREFIX}{name}." for name, _ in tuner._auxiliary_modules())
         full = {key: tensor for key, tensor in state_dict.items() if auxiliary and key.startswith(auxiliary)}
         deltas = {key: tensor for key, tensor in state_dict.items() if key not in full}
+        biases = tuner._biases_to_adopt(adapter_name, config, deltas)
+        expected = {
+            **tuner._adapter_tensors(adapter_name),
+            **{KEY_PREFIX + p: tuner.model.get_parameter(p) for p in biases},
+        }
         try:
-            check_delta_state_dict(deltas, tuner._adapter_tensors(adapter_name), config.delta_torch_dtype)
+            check_delta_state_dict(deltas, expected, config.delta_torch_dtype)
             check_finite(state_dict, "The adapter")
             tuner._check_running_variances(adapter_name, deltas)
         except ValueError:
@@ -657,10 +713,28 @@ class SurgicalModel(BaseTuner):
                 tuner._forget(adapter_name)
             raise
         tuner._awaiting_weights.discard(adapter_name)
+        if biases:  # all checks passed: the adapter takes them on
+            config.bias = "all"
+            tuner._add_tensor_layers(adapter_name, biases)
+            tuner._activate(tuner.active_adapters)
         for path in tuner._adapter_modules[adapter_name]:
             layer = tuner._layer(path)
             layer.set_delta(adapter_name, layer.keyed(deltas))
         return full
+
+    def _biases_to_adopt(
+        self, adapter_name: str, config: SurgicalConfig, deltas: Mapping[str, torch.Tensor]
+    ) -> list[str]:
+        """A state dict saved with `bias="all"` loads into an adapter created without it, as PEFT loads one into a
+        LoRA adapter (`set_peft_model_state_dict`): where the deltas beyond the adapter's own tensors are exactly the
+        model's other biases, and it is the model's only adapter, it takes them on (its config then says so). Returns
+        those biases' paths (none otherwise: extra deltas are then refused by the key check)."""
+        extra = set(deltas) - set(self._adapter_tensors(adapter_name))
+        if config.bias == "all" or not extra or len(self.peft_config) > 1:
+            return []
+        biases = bias_targets(self.model, config.modules_to_save)
+        others = [path for path in biases if not is_under(path, self._adapter_targets.get(adapter_name, []))]
+        return others if {KEY_PREFIX + path for path in others} == extra else []
 
     def _check_running_variances(self, adapter_name: str, deltas: Mapping[str, torch.Tensor]) -> None:
         """Raise an `InputError` if `deltas` would give a running variance (BatchNorm) a negative value."""

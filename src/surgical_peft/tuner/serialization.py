@@ -36,14 +36,22 @@ __all__ = ["save_adapter"]
 KEY_PREFIX = "base_model.model."
 CHECKSUM_KEY = "surgical_tensors_sha256"
 RECORD_KEY = "surgical_config"
-RECORDED_FIELDS = ("block", "target_modules", "exclude_modules", "modules_to_save", "delta_dtype", "base_fingerprint")
+RECORDED_FIELDS = (
+    "block",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "delta_dtype",
+    "base_fingerprint",
+    "bias",
+)
 """The config fields a sealed weights file records: which modules its tensors belong to, their dtype, the base."""
 
 
 def check_delta_state_dict(
     state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], delta_dtype: torch.dtype | None
 ) -> None:
-    """Check an adapter's deltas against the tensors they apply to: same keys, shapes and a compatible dtype."""
+    """Check an adapter's deltas against the (base) tensors they apply to: same keys, shapes and a compatible dtype."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     problems = []
@@ -56,6 +64,8 @@ def check_delta_state_dict(
         if delta.shape != target.shape:
             problems.append(f"{key} has shape {tuple(delta.shape)}, the model's is {tuple(target.shape)}")
         allowed = {target.dtype} | ({delta_dtype} if delta_dtype is not None and target.is_floating_point() else set())
+        if target.dtype in (torch.float16, torch.bfloat16):  # saved while PEFT's autocast had it in float32
+            allowed.add(torch.float32)
         if delta.dtype not in allowed:
             problems.append(f"{key} has dtype {delta.dtype}, expected {' or '.join(sorted(str(d) for d in allowed))}")
     if problems:

@@ -31,7 +31,7 @@ from ._internals import BaseTuner
 from .config import SurgicalConfig
 from .layer import owned_tensors
 
-__all__ = ["owns_loose_tensors", "tensor_targets"]
+__all__ = ["bias_targets", "owns_loose_tensors", "tensor_targets"]
 
 
 def owns_loose_tensors(module: nn.Module) -> bool:
@@ -43,10 +43,17 @@ def owns_loose_tensors(module: nn.Module) -> bool:
     )
 
 
+def bias_targets(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
+    """Every bias of `model` (a parameter whose name contains "bias", as PEFT's `bias="all"` picks them) outside
+    `modules_to_save`: the targets that `SurgicalConfig(bias="all")` adds."""
+    paths = (path for path, _ in model.named_parameters())
+    return [path for path in paths if "bias" in path.rpartition(".")[2] and not is_under(path, modules_to_save or [])]
+
+
 def tensor_targets(model: nn.Module, config: SurgicalConfig) -> list[str]:
-    """The tensors owned by containers (`owns_loose_tensors`) that `config` targets by themselves: matched as PEFT
-    matches module names (`target_modules`, `exclude_modules`), exactly where blocks name them; for a saved adapter's
-    regex (never run), the tensors its weights file holds."""
+    """The tensors that `config` targets by themselves: those owned by containers (`owns_loose_tensors`), matched as
+    PEFT matches module names (`target_modules`, `exclude_modules`), exactly where blocks name them (for a saved
+    adapter's regex, never run, the tensors its weights file holds); and with `bias="all"`, every bias."""
     if config.saved_modules is not None and isinstance(config.target_modules, str):
         saved = set(config.saved_tensors or [])
         targeted: Callable[[str], object] = saved.__contains__
@@ -59,4 +66,6 @@ def tensor_targets(model: nn.Module, config: SurgicalConfig) -> list[str]:
 
     containers = [(path, m) for path, m in model.named_modules() if owns_loose_tensors(m)]
     found = [join(path, name) for path, module in containers for name, _ in owned_tensors(module)]
-    return [path for path in found if targeted(path) and not is_under(path, config.modules_to_save or [])]
+    tensors = [path for path in found if targeted(path) and not is_under(path, config.modules_to_save or [])]
+    biases = bias_targets(model, config.modules_to_save) if config.bias == "all" else []
+    return list(dict.fromkeys([*tensors, *biases]))
