@@ -158,7 +158,9 @@ def test_bias_all_tunes_every_bias_beside_the_block(
 
 def test_bias_surgical_only_is_the_default_and_an_unknown_value_names_the_choices() -> None:
     assert SurgicalConfig(block="stage1").bias == "surgical_only"
-    with pytest.raises(ValueError, match=r"Unknown bias 'lora_only'\. Valid: surgical_only, all\."):
+    with pytest.raises(
+        ValueError, match=r"Unknown bias 'lora_only'\. Valid: surgical_only, all \('surgical_only': the tuned"
+    ):
         SurgicalConfig(block="stage1", bias="lora_only")
 
 

@@ -300,7 +300,10 @@ def check_fields(values: Mapping[str, Any]) -> None:
     if task_type is not None and task_type not in TaskType.__members__:
         raise InputError(f"Unknown task_type {task_type!r:.100}. Valid: None, {', '.join(TaskType.__members__)}.")
     if values.get("bias", BIAS_CHOICES[0]) not in BIAS_CHOICES:
-        raise InputError(f"Unknown bias {values['bias']!r:.100}. Valid: {', '.join(BIAS_CHOICES)}.")
+        raise InputError(
+            f"Unknown bias {values['bias']!r:.100}. Valid: {', '.join(BIAS_CHOICES)} ('surgical_only': the tuned "
+            "modules' biases, which train with them; 'all': every bias of the model too)."
+        )
     if not isinstance(values.get("init_weights", True), bool):
         raise InputError(f"init_weights must be True or False, got {values['init_weights']!r}.")
     if not isinstance(values.get("verify_base", True), bool):
