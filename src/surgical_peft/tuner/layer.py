@@ -264,7 +264,7 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         names an adapter's parameters), so that the model's parameters list them there: `named_parameters()` keeps
         the first name of a parameter, and the tuner lists its layers before the model."""
         self.tuned.clear()
-        if len(self.loaded) != 1:
+        if len(self.loaded) != 1 or not self.loaded[0] or "." in self.loaded[0]:  # (not a valid module name)
             return
         own = _AdapterParameters()
         # Set directly, not with `register_parameter`, which accelerate's `init_empty_weights` (PEFT's
