@@ -5,11 +5,14 @@ Mirrors the generic checks PEFT's own `tests/testing_common.py` runs on every me
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import build_model
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -456,3 +459,24 @@ def test_a_container_module_target_tunes_its_tensors_one_layer_each() -> None:
     model.base_model.set_adapter("token")
     trainable = {name for name, p in model.base_model.model.named_parameters() if p.requires_grad}
     assert trainable == {"vit.embeddings.cls_token"}
+
+
+def test_a_new_head_alone_is_an_adapter_of_its_full_copy(tmp_path: Path) -> None:
+    """`block="head"` with the head in `modules_to_save` (a new head, e.g. for other labels): the adapter holds the
+    head's full copy and nothing else; it trains, saves, reloads and merges to the same outputs."""
+    base = build_model("resnet-basic")
+    pixels = torch.randn(4, 3, 16, 16)
+    model = get_peft_model(copy.deepcopy(base), SurgicalConfig(block="head", modules_to_save=["classifier"]))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == [
+        f"base_model.model.classifier.modules_to_save.default.1.{name}" for name in ("weight", "bias")
+    ]
+    model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    model.eval()
+    tuned = model(pixel_values=pixels).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert torch.equal(loaded(pixel_values=pixels).logits, tuned)
+    assert torch.equal(loaded.merge_and_unload()(pixel_values=pixels).logits, tuned)
+    assert not torch.equal(base(pixel_values=pixels).logits, tuned)

@@ -29,7 +29,7 @@ from .fingerprint import check_fingerprint, fingerprint
 from .layer import SurgicalLayer, owned_tensors
 from .precision import Upcasts
 from .serialization import KEY_PREFIX, check_delta_state_dict, check_finite
-from .targets import bias_targets, owns_loose_tensors, tensor_targets
+from .targets import bias_targets, owns_loose_tensors, targets_saved_in_full, tensor_targets
 
 __all__ = ["SurgicalModel"]
 
@@ -148,10 +148,13 @@ class SurgicalModel(BaseTuner):
 
     @contextlib.contextmanager
     def _tensors_only(self, model: nn.Module, config: SurgicalConfig, tensors: list[str]) -> Iterator[None]:
-        """Where `config` targets `tensors` (a container's, e.g. `block="stem"` of a timm ViT) and no module, PEFT's
-        injection runs as for a dummy adapter (PEFT's own convention), which may match nothing."""
-        modules = (key for key, _ in model.named_modules() if key)
-        if not tensors or any(self._check_target_module_exists(config, key) for key in modules):
+        """Where `config` targets `tensors` (a container's, e.g. `block="stem"` of a timm ViT) and no module, or only
+        modules it saves in full (a new head, `block="head"`), PEFT's injection runs as for a dummy adapter (PEFT's own
+        convention), which may match nothing."""
+        saved = config.modules_to_save or []
+        modules = (key for key, _ in model.named_modules() if key and not is_under(key, saved))
+        matched = any(self._check_target_module_exists(config, key) for key in modules)
+        if matched or not (tensors or targets_saved_in_full(config)):
             yield
             return
         target_modules, config.target_modules = config.target_modules, DUMMY_TARGET_MODULES
@@ -180,7 +183,7 @@ class SurgicalModel(BaseTuner):
                     tensor_path = join(name, tensor_name)
                     owners.append(self._add_layer(adapter_name, tensor_path, module, name, (tensor_name,)))
         self._add_tensor_layers(adapter_name, [path for path in tensors if not is_under(path, targets)])
-        if not owners:
+        if not owners and not targets_saved_in_full(config):
             raise InputError(f"The modules matched by target_modules={config.target_modules} hold no tensors to tune.")
 
     def _add_tensor_layers(self, adapter_name: str, tensor_paths: list[str]) -> None:

@@ -31,7 +31,7 @@ from ._internals import BaseTuner
 from .config import SurgicalConfig
 from .layer import owned_tensors
 
-__all__ = ["bias_targets", "owns_loose_tensors", "tensor_targets"]
+__all__ = ["bias_targets", "owns_loose_tensors", "targets_saved_in_full", "tensor_targets"]
 
 
 def owns_loose_tensors(module: nn.Module) -> bool:
@@ -69,3 +69,17 @@ def tensor_targets(model: nn.Module, config: SurgicalConfig) -> list[str]:
     tensors = [path for path in found if targeted(path) and not is_under(path, config.modules_to_save or [])]
     biases = bias_targets(model, config.modules_to_save) if config.bias == "all" else []
     return list(dict.fromkeys([*tensors, *biases]))
+
+
+def targets_saved_in_full(config: SurgicalConfig) -> bool:
+    """Whether every module `config` targets is one it saves in full (`modules_to_save`), e.g. a new head tuned alone
+    (`block="head"`): the adapter then holds no deltas, only the full copies.
+
+    Example:
+        >>> from surgical_peft import SurgicalConfig
+        >>> targets_saved_in_full(SurgicalConfig(target_modules=["classifier"], modules_to_save=["classifier"]))
+        True
+    """
+    targets, saved = config.target_modules, config.modules_to_save or []
+    listed = isinstance(targets, (list, set)) and bool(targets)  # (not a saved adapter's regex)
+    return bool(saved) and listed and all(is_under(target, saved) for target in targets)
