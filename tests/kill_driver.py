@@ -25,7 +25,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 def _kill() -> None:
     sys.stdout.flush()
-    os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get('KILL_SIGNAL', 'KILL')}"))
+    # `raise_signal` sends the signal to this thread, and Python runs its handler before the call returns: Ctrl-C's
+    # KeyboardInterrupt comes out of the hook itself. (`os.kill(os.getpid(), ...)` sends it to the process, where
+    # another thread, tqdm's or torch's, may take it; Python then raises it wherever the main thread is by then.)
+    signal.raise_signal(getattr(signal, f"SIG{os.environ.get('KILL_SIGNAL', 'KILL')}"))
 
 
 def _after_steps(steps: int) -> None:
@@ -59,6 +62,10 @@ def _at_call(target: str, call: int) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    # Ctrl-C as a terminal's foreground process gets it. A process started in the background by a shell without job
+    # control (a CI script's `pytest ... &`) ignores SIGINT, and passes that on to every process it starts: this one
+    # would then train on, and the SIGINT tests fail or pass depending on how the test run was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if "KILL_AFTER_STEPS" in os.environ:
         _after_steps(int(os.environ["KILL_AFTER_STEPS"]))
     if "KILL_AT" in os.environ:
