@@ -133,3 +133,78 @@ def test_an_empty_evaluation_set_exits_2(folder: str, model_dir: str, capsys: py
         main(["train", "--model", model_dir, "--dataset", folder, "--eval-n", "0"])
     assert exit_info.value.code == 2
     assert "argument --eval-n: must be a whole number of at least 1, got '0'" in capsys.readouterr().err
+
+
+def small_folder(root: Path, per_class: int, side: int = 64, classes: tuple[str, ...] = CLASSES) -> str:
+    """An imagefolder of `per_class` images of `side` pixels per class."""
+    for index, label in enumerate(classes):
+        (root / label).mkdir(parents=True)
+        for row in range(per_class):
+            Image.new("RGB", (side, side), (40 + 90 * index, row * 9 % 255, 0)).save(root / label / f"{row}.png")
+    return str(root)
+
+
+def test_train_with_no_other_option_trains_a_folder_of_two_images_per_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The defaults: a fifth of the images (one per class at least) evaluates, and the default block, the head, is an
+    adapter even where the head is new (2 default-named labels here, 3 classes)."""
+    folder = small_folder(tmp_path / "images", per_class=2)
+    model = build_model("resnet-basic", num_labels=2)
+    model.save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", str(tmp_path / "model"), "--dataset", folder]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"Data: all 6 images of {folder} are the target (no shift): 3 for training, 3 for evaluation (the default "
+        "split: --train-n and --eval-n set it)." in out
+    )
+    assert "Labels: a new head for the dataset's 3 classes (cat, dog, owl), trained." in out
+    adapter = tmp_path / "outputs" / "model-images-none-head-seed0" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+
+
+@pytest.mark.parametrize("command", ["train", "rank"])
+def test_a_123_image_folder_splits_by_default(
+    command: str, model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = small_folder(tmp_path / "images", per_class=41, side=16)
+    if command == "train":
+        argv = ["train", "--model", model_dir, "--dataset", folder, *TRAIN, "--output-dir", str(tmp_path / "run")]
+        split = "98 for training, 25 for evaluation"
+    else:
+        argv, split = ["rank", model_dir, folder, "--num-batches", "1"], "123 for ranking"
+    assert main(argv) == 0
+    assert f"are the target (no shift): {split} (the default" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("setup", "size", "source"),
+    [
+        ("none", 64, "the images' own; the model names none"),  # 64-pixel images are not upscaled
+        ("large", 224, "the images are 300 pixels, resized down"),
+        ("option", 40, "--image-size"),
+        ("config", 32, "the model's config"),
+        ("processor", 20, "the model's image processor"),
+    ],
+)
+def test_the_image_size_comes_from_the_option_the_model_or_the_images(
+    setup: str, size: int, source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import ViTImageProcessor
+
+    folder = small_folder(tmp_path / "images", per_class=4, side=300 if setup == "large" else 64)
+    model = build_model("resnet-basic", num_labels=3)
+    if setup == "config":
+        model.config.image_size = 32
+    model.save_pretrained(tmp_path / "model")
+    if setup == "processor":
+        ViTImageProcessor(size={"height": 20, "width": 20}).save_pretrained(tmp_path / "model")
+    option = ["--image-size", "40"] if setup == "option" else []
+    argv = ["--model", str(tmp_path / "model"), "--dataset", folder, *TRAIN, "--output-dir", str(tmp_path / "run")]
+    assert main(["train", *argv, *option]) == 0
+    assert f"Image size: {size}x{size} pixels ({source})." in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (summary["image_size"], summary["image_size_source"]) == (size, source)
+    assert main(["rank", str(tmp_path / "model"), folder, "--num-batches", "1", *option]) == 0
+    assert f"Image size: {size}x{size} pixels ({source})." in capsys.readouterr().out

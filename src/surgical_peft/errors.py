@@ -3,7 +3,8 @@
 `InputError` is a `ValueError`: a bad value or combination given by the caller (a block name, a shift, a learning
 rate, a directory), found before anything is changed. Its message names the bad value and the valid choices. The
 command line reports it as one line and exit status 2. `TrainingError`: training had to stop (a non-finite loss);
-nothing of the failed epoch is saved.
+nothing of the failed epoch is saved. `Interrupted`: someone stopped a run (Ctrl-C); the command line reports where it
+can resume, with exit status 130.
 
 Example:
     >>> from surgical_peft.errors import InputError, SurgicalPeftError
@@ -13,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["InputError", "SurgicalPeftError", "TrainingError"]
+import shlex
+
+__all__ = ["InputError", "Interrupted", "SurgicalPeftError", "TrainingError"]
 
 
 class SurgicalPeftError(Exception):
@@ -26,3 +29,17 @@ class InputError(SurgicalPeftError, ValueError):
 
 class TrainingError(SurgicalPeftError):
     """Training stopped (e.g. a non-finite loss); the message names where, and nothing of that epoch was saved."""
+
+
+class Interrupted(SurgicalPeftError):
+    """A run was interrupted (Ctrl-C, SIGINT); the message names the last complete checkpoint, which a rerun of the
+    same command resumes from."""
+
+    def resume_line(self, command: list[str]) -> str:
+        """The one line a command line prints: what was interrupted, where it stands, and `command` to resume it.
+
+        Example:
+            >>> Interrupted("the last complete checkpoint is run/checkpoint_0.").resume_line(["train", "x y"])
+            "interrupted: the last complete checkpoint is run/checkpoint_0. To resume: train 'x y'"
+        """
+        return f"interrupted: {self} To resume: {shlex.join(command)}"

@@ -2,7 +2,8 @@
 
 A block map is read from the model's structure, never from hard-coded module paths, so it survives transformers
 moving modules around between versions. One resolver per family of models (`surgical_peft.blocks.resolvers`) reads
-it; `list_blocks` asks them in turn.
+it; `list_blocks` asks them in turn. Its names are imported on first use, so that `names` (the special block names the
+command line's options read) loads without torch.
 
 Example:
     >>> from transformers import ResNetConfig, ResNetForImageClassification
@@ -17,10 +18,9 @@ Example:
       head            34    1.9%  classifier
 """
 
-from .block_map import BlockEntry, BlockMap, format_count
-from .listing import list_blocks, unwrap_model
-from .names import ALL, AUTO, HEAD, SPECIAL
-from .paths import is_under
+from __future__ import annotations
+
+from ..lazy import lazy_names
 
 __all__ = [
     "ALL",
@@ -29,8 +29,25 @@ __all__ = [
     "SPECIAL",
     "BlockEntry",
     "BlockMap",
+    "format_bytes",
     "format_count",
     "is_under",
     "list_blocks",
     "unwrap_model",
 ]
+
+_LAZY = {
+    "ALL": "names",
+    "AUTO": "names",
+    "HEAD": "names",
+    "SPECIAL": "names",
+    "BlockEntry": "block_map",
+    "BlockMap": "block_map",
+    "format_bytes": "block_map",
+    "format_count": "block_map",
+    "is_under": "paths",
+    "list_blocks": "listing",
+    "unwrap_model": "listing",
+}
+
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

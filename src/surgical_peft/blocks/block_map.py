@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import InputError
 from .paths import is_under
 
-__all__ = ["BlockEntry", "BlockMap", "format_count", "num_parameters", "parameters_under"]
+__all__ = ["BlockEntry", "BlockMap", "format_bytes", "format_count", "num_parameters", "parameters_under"]
 
 
 class BlockEntry(NamedTuple):
@@ -52,6 +52,11 @@ def format_count(count: int) -> str:
         if count >= divisor:
             return f"{count / divisor:.1f}{suffix}"
     return str(count)
+
+
+def format_bytes(count: int) -> str:
+    """A size in bytes in kB or MB, e.g. `'1.2 kB'` (an adapter's size on disk)."""
+    return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
 
 
 class BlockMap(dict[str, tuple[str, ...]]):

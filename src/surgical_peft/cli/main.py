@@ -6,7 +6,7 @@
     surgical-peft demo
 
 `surgical-peft COMMAND --help` describes each command (`surgical_peft.cli.commands`). Bad input prints a message (no
-traceback) and exits with status 2.
+traceback) and exits with status 2; Ctrl-C ends a run with one line naming where it can resume, and status 130.
 
 Example:
     >>> from surgical_peft.cli import main
@@ -26,10 +26,13 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import SurgicalPeftError
+from ..argparser import HelpFormatter
+from ..errors import Interrupted, SurgicalPeftError
 from .commands import COMMANDS
 
 __all__ = ["build_parser", "main"]
+
+_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
 
 _DESCRIPTION = """\
 Surgical fine-tuning (Lee et al., ICLR 2023) as a PEFT method: fine-tune one block of a pretrained model on a small
@@ -46,19 +49,6 @@ examples:
 Run 'surgical-peft COMMAND --help' for the options of a command."""
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the line breaks of descriptions and epilogs, and shows the defaults that are set."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        takes_value = action.nargs != 0  # flags such as --no-progress have a default but take no value
-        shown = "default" in help_text  # the help already says it, e.g. "%(default)s" or "'digits' (default)"
-        unset = action.default is None or action.default is argparse.SUPPRESS  # (0 is a default to show)
-        if takes_value and not shown and not unset:
-            help_text += " (default: %(default)s)"
-        return help_text
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `surgical-peft` argument parser.
 
@@ -67,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         'snr'
     """
     parser = argparse.ArgumentParser(
-        prog="surgical-peft", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=_Formatter
+        prog="surgical-peft", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=HelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True)
@@ -78,23 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
             help=command.help,
             description=command.description,
             epilog=command.epilog,
-            formatter_class=_Formatter,
+            formatter_class=HelpFormatter,
         )
         command.add_arguments(subparser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 on bad input, with a message on stderr).
+    """Run the command line; returns the exit status: 2 on bad input, with a message on stderr; 130 when interrupted
+    (Ctrl-C), with one line on stderr saying where the run stands and the command that resumes it.
 
     Example:
         >>> main(["blocks", "./no-such-model"])
         2
     """
     args = build_parser().parse_args(argv)
+    prefix = f"surgical-peft {args.command}:"
     try:
         COMMANDS.get(args.command).run(args)
+    except Interrupted as error:
+        command = ["surgical-peft", *(sys.argv[1:] if argv is None else argv)]
+        print(f"{prefix} {error.resume_line(command)}", file=sys.stderr)
+        return _INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"{prefix} interrupted; nothing was saved.", file=sys.stderr)
+        return _INTERRUPTED
     except (SurgicalPeftError, ValueError, OSError, ImportError) as error:
-        print(f"surgical-peft {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prefix} error: {error}", file=sys.stderr)
         return 2
     return 0

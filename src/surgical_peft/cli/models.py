@@ -1,15 +1,18 @@
-"""The one model loader of the command line: a Hub id, a local directory, or the built-in `demo-resnet`; with label
-names, the classification head is re-initialised when their number differs.
+"""The one model loader of the command line: a Hub id, a local directory, or the built-in `demo-resnet`; with a
+`LabelMap` (`surgical_peft.labels`), the model gets the labels it says: a new head for the dataset's classes, or the
+dataset's names for labels transformers named `LABEL_<i>`.
 
 Example:
     >>> import tempfile
     >>> from transformers import ResNetConfig, ResNetForImageClassification
+    >>> from surgical_peft.labels import match_labels
     >>> path = tempfile.mkdtemp()
-    >>> config = ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])  # 2 labels
+    >>> config = ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])  # 2 labels, LABEL_0 and LABEL_1
     >>> ResNetForImageClassification(config).save_pretrained(path)
-    >>> loaded = load_model(path, label_names=["cat", "dog", "bird"])
-    >>> loaded.model.config.num_labels, loaded.modules_to_save, loaded.image_size
-    (3, ['classifier'], 224)
+    >>> labels = match_labels(["cat", "dog", "bird"], model_labels(path))
+    >>> loaded = load_model(path, labels=labels)
+    >>> loaded.model.config.num_labels, loaded.modules_to_save, loaded.input_size()
+    (3, ['classifier'], None)
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification, ResNetForImageClassification
 
@@ -26,36 +30,63 @@ from ..blocks import HEAD, list_blocks
 from ..errors import InputError
 from ..experiments import demo
 from ..experiments.data import load_image_processor, preprocess
+from ..labels import LabelMap
 
-__all__ = ["LoadedModel", "load_model"]
+__all__ = ["ImageSize", "LoadedModel", "load_model", "model_labels"]
 
-_DEFAULT_IMAGE_SIZE = 224
 _HINT = (
     "Pass a Hub id (cached when offline), a local directory saved with save_pretrained, or the built-in "
     f"{demo.SOURCE_MODEL}."
 )
 
 
+class ImageSize(NamedTuple):
+    """The side, in pixels, of the images a model is given, and where it came from (e.g. `"the model's config"`)."""
+
+    pixels: int
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.pixels}x{self.pixels} pixels ({self.source})"
+
+
 @dataclass
 class LoadedModel:
     """A loaded classifier, the directory or id it came from, its image processor (`None` when it ships none) and the
-    modules it needs saved in full (a re-initialised head)."""
+    modules it needs saved in full (a new head)."""
 
     model: nn.Module
     name_or_path: str
     processor: Any
     modules_to_save: list[str] | None = None
 
-    @property
-    def image_size(self) -> int:
-        """The side of the images the model takes: its config's `image_size`, else a timm model's (transformers'
-        TimmWrapper has no `image_size`), else 224."""
-        return getattr(self.model.config, "image_size", None) or _timm_image_size(self.model) or _DEFAULT_IMAGE_SIZE
+    def input_size(self) -> ImageSize | None:
+        """The image side the model asks for: its image processor's, else its config's `image_size`, else a timm
+        model's (transformers' TimmWrapper has no `image_size`); `None` when none of them says."""
+        found = (
+            (_processor_size(self.processor), "the model's image processor"),
+            (getattr(self.model.config, "image_size", None), "the model's config"),
+            (_timm_image_size(self.model), "the timm model's config"),
+        )
+        return next((ImageSize(int(pixels), source) for pixels, source in found if pixels), None)
 
-    def preprocess(self, split: Any, image_size: int | None = None) -> Any:
-        """`split` (columns `image`, `label`) as the model's `{"pixel_values", "labels"}` examples (images of
-        `image_size` pixels, default: the model's, unless its image processor says otherwise)."""
-        return preprocess(split, self.processor, image_size=image_size or self.image_size)
+    def preprocess(self, split: Any, image_size: ImageSize) -> Any:
+        """`split` (columns `image`, `label`) as the model's `{"pixel_values", "labels"}` examples, of `image_size`:
+        through the model's image processor where the size is the processor's, else resized here (normalised with the
+        processor's mean and standard deviation, if it has one)."""
+        from_processor = image_size.source == "the model's image processor"
+        return preprocess(split, self.processor, image_size=None if from_processor else image_size.pixels)
+
+
+def _processor_size(processor: Any) -> int | None:
+    """The side of the images an image processor makes: its crop, else its size (`height`, else `shortest_edge`)."""
+    if processor is None:
+        return None
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = crop or getattr(processor, "size", None) or {}
+    keys = ("height", "shortest_edge")  # of a dict, or of transformers 5's SizeDict
+    sides = (size.get(key) if isinstance(size, dict) else getattr(size, key, None) for key in keys)
+    return next((side for side in sides if side), None)
 
 
 def _timm_image_size(model: nn.Module) -> int | None:
@@ -86,10 +117,39 @@ def _check_loadable(name: str) -> Any:
         raise InputError(f"Cannot load model {name!r}: {error} {_HINT}") from error
 
 
+def model_labels(name: str) -> dict[int, str] | None:
+    """The label names (by id) of the model `name` (a Hub id, a local directory or `demo-resnet`), from its config
+    alone.
+
+    Raises:
+        InputError: if the model cannot be found.
+    """
+    config = demo.source_config() if name == demo.SOURCE_MODEL else _check_loadable(name)
+    return dict(config.id2label) if getattr(config, "id2label", None) else None
+
+
+def _new_head(name: str, labels: LabelMap) -> nn.Module:
+    """The model `name` with a head for `labels`' classes, newly initialised (even where its size is the old one's);
+    transformers' report of the head it re-initialised is not shown (the run's labels line says so)."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            name, id2label=dict(enumerate(labels.model_names)), label2id=labels.label2id, ignore_mismatched_sizes=True
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    for path in _head(model):
+        for module in model.get_submodule(path).modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model
+
+
 def load_model(
     name: str,
     *,
-    label_names: list[str] | None = None,
+    labels: LabelMap | None = None,
     pretrained: bool = True,
     shift: str = "none",
     seed: int = 0,
@@ -101,8 +161,9 @@ def load_model(
 
     Args:
         name: a Hub id, a local directory, or `demo-resnet` (pretrained for `shift` and `seed`, cached in `cache_dir`).
-        label_names: the dataset's labels; when their number differs from the model's, its head is re-initialised
-            for them and returned as `modules_to_save` (trained and saved in full).
+        labels: how the dataset's classes meet the model's labels (`surgical_peft.labels.match_labels`): a new head
+            for them is returned as `modules_to_save` (trained and saved in full); labels transformers named
+            `LABEL_<i>` take the dataset's names.
         pretrained: `False` gives `demo-resnet`'s architecture without pretraining it (e.g. to list its blocks).
         state: Accelerate's process state, so that only the main process pretrains `demo-resnet`.
         progress: show the progress bars of pretraining `demo-resnet`.
@@ -110,19 +171,32 @@ def load_model(
     Raises:
         InputError: if the model cannot be loaded.
     """
+    new_head = labels is not None and labels.new_head
     if name == demo.SOURCE_MODEL:
         if not pretrained:
-            return LoadedModel(ResNetForImageClassification(demo.source_config()), name, None)
+            config = demo.source_config()
+            if new_head:
+                config.id2label, config.label2id = dict(enumerate(labels.model_names)), labels.label2id
+            model = _with_label_names(ResNetForImageClassification(config), labels)
+            return LoadedModel(model, name, None, _head(model) if new_head else None)
         name = _demo_model_path(shift, seed, cache_dir, state, progress)
-    config = _check_loadable(name)
+    _check_loadable(name)
     processor = load_image_processor(name)
-    if label_names is None or config.num_labels == len(label_names):
-        return LoadedModel(AutoModelForImageClassification.from_pretrained(name), name, processor)
-    model = AutoModelForImageClassification.from_pretrained(
-        name,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={label: index for index, label in enumerate(label_names)},
-        ignore_mismatched_sizes=True,
-    )
-    return LoadedModel(model, name, processor, list(list_blocks(model).get(HEAD, ())))
+    if not new_head:
+        model = AutoModelForImageClassification.from_pretrained(name)
+        return LoadedModel(_with_label_names(model, labels), name, processor)
+    model = _new_head(name, labels)
+    return LoadedModel(model, name, processor, _head(model))
+
+
+def _head(model: nn.Module) -> list[str]:
+    """The module paths of the model's head."""
+    return list(list_blocks(model).get(HEAD, ()))
+
+
+def _with_label_names(model: nn.Module, labels: LabelMap | None) -> nn.Module:
+    """`model`, its labels renamed to the dataset's where `labels` says they take them (`renamed`)."""
+    if labels is not None and labels.kind == "renamed":
+        model.config.id2label = dict(enumerate(labels.model_names))
+        model.config.label2id = labels.label2id
+    return model

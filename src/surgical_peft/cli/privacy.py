@@ -1,13 +1,14 @@
-"""The command line's privacy options (`--strategy dp-linear-probe` and `dp-surgical`): the budget, NoisyGD's
-settings, and the public data a PCA basis is fitted on.
+"""The command line's privacy options (`--strategy dp-linear-probe` and `dp-surgical`): the budget and NoisyGD's
+settings are `PrivacyArguments`' fields, turned into `PrivacyArguments` only for a private strategy.
 
 Example:
     >>> import argparse
+    >>> from surgical_peft.argparser import add_dataclass_arguments
+    >>> from surgical_peft.privacy import PrivacyArguments
     >>> parser = argparse.ArgumentParser()
-    >>> add_privacy_arguments(parser)
-    >>> args = parser.parse_args(["--epsilon", "2", "--feature-norm"])
-    >>> args.strategy = "dp-linear-probe"
-    >>> privacy = privacy_arguments(args)
+    >>> add_dataclass_arguments(parser, PrivacyArguments)
+    >>> options = parser.parse_args(["--epsilon", "2", "--feature-norm"])
+    >>> privacy = privacy_arguments(options, "dp-linear-probe", dataset="digits", public_dataset=None)
     >>> privacy.epsilon, privacy.delta, privacy.feature_norm
     (2.0, 1e-05, True)
 """
@@ -15,67 +16,22 @@ Example:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..argparser import dataclass_from_options, option_fields
 from ..errors import InputError
+from ..privacy.arguments import PrivacyArguments
 from ..training import STRATEGIES  # the registry, light: a member is imported when asked for
-from .defaults import DIGITS, PRIVACY
+from .defaults import DIGITS
 
 if TYPE_CHECKING:  # imported where they run, so that the parser (`--help`) stays fast
-    from ..privacy import PrivacyArguments
     from ..training import FineTuneArguments
 
-__all__ = [
-    "add_privacy_arguments",
-    "card_rows",
-    "check_private_run",
-    "needs_source_half",
-    "privacy_arguments",
-    "public_dataset",
-]
+__all__ = ["PRIVATE_STRATEGY", "card_rows", "check_private_run", "privacy_arguments"]
 
 PRIVATE_STRATEGY = "dp-linear-probe"
-_DEFAULTS = PRIVACY
-_OPTIONS = {"epsilon": "--epsilon", "feature_norm": "--feature-norm", "pca_dim": "--pca-dim",
-            "public_dataset": "--public-dataset"}  # fmt: skip
-
-
-def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of `--strategy dp-linear-probe` to `parser`."""
-    group = parser.add_argument_group("differential privacy (--strategy dp-linear-probe, dp-surgical)")
-    group.add_argument("--epsilon", type=float, help="privacy budget epsilon, in (0, 1e100] (required)")
-    group.add_argument(
-        "--delta",
-        type=float,
-        default=_DEFAULTS.delta,
-        help="privacy budget delta, below 1/train-n (default: %(default)s)",
-    )
-    group.add_argument(
-        "--feature-norm", action="store_true", help="L2-normalise the head's input features (dp-linear-probe)"
-    )
-    group.add_argument(
-        "--pca-dim", type=int, help="project the features on this many principal directions of the public data"
-    )
-    group.add_argument(
-        "--public-dataset",
-        help="public dataset (Hub id or imagefolder) the PCA basis is fitted on (default for digits: its source half)",
-    )
-    group.add_argument(
-        "--dp-steps", type=int, default=_DEFAULTS.steps, help="NoisyGD steps, dp-linear-probe (default: %(default)s)"
-    )
-    group.add_argument(
-        "--dp-lr",
-        type=float,
-        default=_DEFAULTS.learning_rate,
-        help="NoisyGD learning rate, dp-linear-probe (default: %(default)s; dp-surgical uses --lr)",
-    )
-    group.add_argument(
-        "--clipping-norm",
-        type=float,
-        default=_DEFAULTS.clipping_norm,
-        help="per-example gradient norm bound (default: %(default)s)",
-    )
+_APPLY = {"epsilon": "--epsilon", "feature_norm": "--feature-norm", "pca_dim": "--pca-dim",
+          "public_dataset": "--public-dataset"}  # fmt: skip
 
 
 def _privacy_fields(strategy: str) -> tuple[str, ...]:
@@ -83,66 +39,40 @@ def _privacy_fields(strategy: str) -> tuple[str, ...]:
     return getattr(STRATEGIES.get(strategy), "privacy_fields", ())
 
 
-def _check_options_apply(args: argparse.Namespace) -> None:
-    """An `InputError` naming each privacy option given that `args.strategy` does not read, and the strategies that
-    do (from the strategy registry)."""
-    given = [name for name in _OPTIONS if getattr(args, name) not in (None, False)]
-    misplaced = [name for name in given if name not in _privacy_fields(args.strategy)]
+def _check_options_apply(given: list[str], strategy: str) -> None:
+    """An `InputError` naming each privacy option `given` that `strategy` does not read, and the strategies that do
+    (from the strategy registry)."""
+    misplaced = [name for name in given if name not in _privacy_fields(strategy)]
     if misplaced:
         users = {name: [s for s in STRATEGIES.names if name in _privacy_fields(s)] for name in misplaced}
-        applies = "; ".join(f"{_OPTIONS[name]} applies to --strategy {' or '.join(users[name])}" for name in misplaced)
-        raise InputError(f"{applies}, not to {args.strategy}.")
+        applies = "; ".join(f"{_APPLY[name]} applies to --strategy {' or '.join(users[name])}" for name in misplaced)
+        raise InputError(f"{applies}, not to {strategy}.")
 
 
-def privacy_arguments(args: argparse.Namespace) -> PrivacyArguments | None:
-    """The `PrivacyArguments` the options describe (`None` for another strategy); without its public dataset, which
-    `public_dataset` loads once the model is.
+def privacy_arguments(
+    options: argparse.Namespace, strategy: str, *, dataset: str, public_dataset: str | None
+) -> PrivacyArguments | None:
+    """The `PrivacyArguments` that parsed `options` describe for `strategy` (`None` for a strategy that is not
+    private); `dataset` and `public_dataset` are the run's (`DataArguments`). The public data itself is loaded with the
+    target (`surgical_peft.cli.target`).
 
     Raises:
         InputError: for a bad budget or setting, privacy options with another strategy, or `--pca-dim` without public
             data.
     """
-    _check_options_apply(args)
-    if not _privacy_fields(args.strategy):
+    values = {field.name: getattr(options, field.name) for field in option_fields(PrivacyArguments)}
+    values["public_dataset"] = public_dataset
+    _check_options_apply([name for name in _APPLY if values[name] not in (None, False)], strategy)
+    if not _privacy_fields(strategy):
         return None
-    if args.epsilon is None:
-        raise InputError(f"--strategy {args.strategy} needs --epsilon, the privacy budget (a number in (0, 1e100]).")
-    if args.pca_dim is not None and args.public_dataset is None and args.dataset != DIGITS:
+    if values["epsilon"] is None:
+        raise InputError(f"--strategy {strategy} needs --epsilon, the privacy budget (a number in (0, 1e100]).")
+    if values["pca_dim"] is not None and public_dataset is None and dataset != DIGITS:
         raise InputError(
             f"--pca-dim needs public data to fit the basis on: pass --public-dataset (only the built-in {DIGITS!r} "
             "has a public source half); the private target is never used for it."
         )
-    from ..privacy import PrivacyArguments
-
-    return PrivacyArguments(
-        epsilon=args.epsilon,
-        delta=args.delta,
-        feature_norm=args.feature_norm,
-        pca_dim=args.pca_dim,
-        steps=args.dp_steps,
-        learning_rate=args.dp_lr,
-        clipping_norm=args.clipping_norm,
-    )
-
-
-def needs_source_half(args: argparse.Namespace) -> bool:
-    """Whether the run's public data is the source half of the dataset: `--pca-dim` without `--public-dataset`."""
-    return args.strategy == PRIVATE_STRATEGY and args.pca_dim is not None and args.public_dataset is None
-
-
-def public_dataset(args: argparse.Namespace, source: Any, preprocess: Callable[[Any], Any]) -> Any | None:
-    """The preprocessed public examples for `--pca-dim`: `--public-dataset`, else the built-in digits' `source`
-    half (clean digits, what the built-in model was pretrained on); `None` when no PCA is asked for."""
-    if args.strategy != PRIVATE_STRATEGY or args.pca_dim is None:
-        return None
-    if needs_source_half(args):
-        return preprocess(source)
-    from ..experiments.data import load_image_dataset
-
-    public = load_image_dataset(
-        args.public_dataset, split=args.split, image_column=args.image_column, label_column=args.label_column
-    )
-    return preprocess(public)
+    return dataclass_from_options(PrivacyArguments, options, public_dataset=None)
 
 
 def check_private_run(model: Any, num_private: int, args: FineTuneArguments) -> None:

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -34,10 +35,12 @@ from ..errors import InputError
 from . import shifts
 
 __all__ = [
+    "DEFAULT_TRAIN_N",
     "DIGITS",
     "SHIFTS",
     "SOURCE_SHIFTS",
     "check_shift",
+    "default_train_n",
     "image_transform",
     "load_digits",
     "load_image_dataset",
@@ -56,6 +59,7 @@ SHIFTS: tuple[str, ...] = (*shifts.CORRUPTIONS, "label-permutation", "spurious",
 feature-level subpopulations, or none."""
 
 _DIGITS_SIZE = 32
+_DEFAULT_IMAGE_SIZE = 224
 
 
 def load_digits(image_size: int = _DIGITS_SIZE) -> datasets.Dataset:
@@ -161,6 +165,7 @@ def load_image_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     skip_unreadable: bool = False,
+    cache_dir: str | None = None,
 ) -> datasets.Dataset:
     """Load an image classification dataset as two columns, `image` (`datasets.Image`) and `label` (`ClassLabel`).
 
@@ -174,6 +179,7 @@ def load_image_dataset(
             is encoded as a `ClassLabel`.
         skip_unreadable: leave out the images that cannot be decoded (with a warning naming them) instead of
             refusing the dataset. Every image is decoded once to find them (not for the built-in digits).
+        cache_dir: where `datasets` caches what it prepares (default: its own cache, `HF_DATASETS_CACHE`).
 
     Raises:
         ValueError: if the dataset cannot be found, has no image or label column (the message lists its columns),
@@ -205,7 +211,7 @@ def load_image_dataset(
                 )
         return load_digits()
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        dataset = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except (FileNotFoundError, ConnectionError) as error:  # not on the Hub, not in the offline cache, no directory
         where = "local directory" if os.path.isdir(source) else "Hub dataset (or one in the local cache)"
         raise InputError(
@@ -222,6 +228,23 @@ def load_image_dataset(
     if not isinstance(dataset.features[label], datasets.ClassLabel):
         dataset = dataset.class_encode_column(label)
     return dataset.rename_columns({old: new for old, new in ((image, "image"), (label, "label")) if old != new})
+
+
+DEFAULT_TRAIN_N = 200
+"""The most labelled target images a run trains on when it is not told how many (`default_train_n`)."""
+
+
+def default_train_n(rows: int, num_classes: int, eval_n: int | None = None) -> int:
+    """How many of `rows` target images train when the number is not given: at most `DEFAULT_TRAIN_N`, leaving
+    `eval_n` images for evaluation, or by default a fifth of them and at least one per class (so that any dataset of
+    two images per class splits, stratified).
+
+    Example:
+        >>> default_train_n(899, 10), default_train_n(123, 3), default_train_n(6, 3), default_train_n(123, 3, eval_n=0)
+        (200, 98, 3, 123)
+    """
+    held = max(num_classes, math.ceil(rows / 5)) if eval_n is None else eval_n
+    return max(1, min(DEFAULT_TRAIN_N, rows - held))
 
 
 def split_target(
@@ -267,7 +290,7 @@ def split_target(
     eval_n = rest if eval_n is None else eval_n
     if rest == 0:
         return datasets.DatasetDict(train=dataset.shuffle(seed=seed))
-    num_classes = dataset.features["label"].num_classes
+    num_classes = len(dataset.unique("label"))  # those present (a model's labels may be more)
     stratify = "label" if min(train_n, eval_n or rest) >= num_classes else None
     splits = dataset.train_test_split(
         train_size=train_n, test_size=eval_n or None, seed=seed, stratify_by_column=stratify
@@ -329,7 +352,7 @@ def make_target(
     dataset: datasets.Dataset,
     shift: str,
     *,
-    train_n: int,
+    train_n: int | None = None,
     eval_n: int | None = None,
     unlabeled_n: int = 0,
     severity: int = 5,
@@ -347,7 +370,7 @@ def make_target(
         dataset: columns `image` and `label`, as `load_image_dataset` returns.
         shift: one of `SHIFTS`: a corruption name from `shifts.CORRUPTIONS` (applied at `severity`),
             `"label-permutation"`, `"spurious"`, `"subpopulation"` or `"none"`.
-        train_n: size of the small labelled target training set.
+        train_n: size of the small labelled target training set; default: `default_train_n` of the target.
         eval_n: size of the target evaluation set; default: the rest of the target; 0: no `eval` split.
         unlabeled_n: size of the `unlabeled` split, cut from the target before `eval` (0: none). Its images keep their
             labels, for scoring pseudo-labels only.
@@ -371,6 +394,9 @@ def make_target(
     if not split_source and check_shift(shift) in SOURCE_SHIFTS:
         raise InputError(f"The {shift} shift defines a source and a target half: it needs split_source=True.")
     halves = split_source_target(dataset, shift, seed=seed) if split_source else {"target": dataset}
+    if train_n is None:
+        rows, num_classes = halves["target"].num_rows - unlabeled_n, len(halves["target"].unique("label"))
+        train_n = default_train_n(rows, num_classes, eval_n)
     if unlabeled_n:  # (without it, split_target checks train_n and eval_n)
         _check_unlabeled_n(unlabeled_n, halves["target"].num_rows, train_n, eval_n)
     target = dict(split_target(halves["target"], train_n + unlabeled_n, eval_n, seed=seed))
@@ -408,12 +434,13 @@ def load_image_processor(model_name_or_path: str) -> Any | None:
 
 
 def image_transform(
-    image_processor: Any | None = None, *, image_size: int = 224
+    image_processor: Any | None = None, *, image_size: int | None = None
 ) -> Callable[[dict[str, list[Any]]], dict[str, Any]]:
     """A batch transform from `{"image", "label"}` to `{"pixel_values", "labels"}` for `Dataset.with_transform`.
 
-    With an `image_processor`, images go through it; otherwise they are resized to `image_size` square (bilinear),
-    scaled to [0, 1] and normalised with the ImageNet mean and standard deviation, as transformers' processors do.
+    Without an `image_size`, images go through the `image_processor` (its own size); otherwise (or without a
+    processor) they are resized to `image_size` square (default 224, bilinear), scaled to [0, 1] and normalised with
+    the processor's mean and standard deviation, else ImageNet's, as transformers' processors do.
 
     Example:
         >>> from PIL import Image
@@ -421,17 +448,18 @@ def image_transform(
         >>> tuple(batch["pixel_values"].shape), batch["labels"]
         ((1, 3, 16, 16), [3])
     """
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    side = image_size or _DEFAULT_IMAGE_SIZE
+    mean = torch.tensor(getattr(image_processor, "image_mean", None) or IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(getattr(image_processor, "image_std", None) or IMAGENET_DEFAULT_STD).view(3, 1, 1)
 
     def to_tensor(image: Image.Image) -> torch.Tensor:
-        resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        resized = image.resize((side, side), Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (pixels - mean) / std
 
     def transform(batch: dict[str, list[Any]]) -> dict[str, Any]:
         images = [image.convert("RGB") for image in batch["image"]]
-        if image_processor is not None:
+        if image_processor is not None and image_size is None:
             pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
         else:
             pixel_values = torch.stack([to_tensor(image) for image in images])
@@ -441,9 +469,10 @@ def image_transform(
 
 
 def preprocess(
-    dataset: datasets.Dataset, image_processor: Any | None = None, *, image_size: int = 224
+    dataset: datasets.Dataset, image_processor: Any | None = None, *, image_size: int | None = None
 ) -> datasets.Dataset:
-    """`dataset` (columns `image`, `label`) yielding `{"pixel_values": tensor, "labels": int}`, transformed lazily.
+    """`dataset` (columns `image`, `label`) yielding `{"pixel_values": tensor, "labels": int}`, transformed lazily
+    (see `image_transform`).
 
     Example:
         >>> from surgical_peft.experiments.data import load_digits

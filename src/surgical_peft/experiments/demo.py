@@ -52,8 +52,10 @@ __all__ = [
     "DemoResult",
     "default_cache_dir",
     "demo",
+    "is_cached",
     "source_config",
     "source_model",
+    "source_model_path",
 ]
 
 SOURCE_MODEL = "demo-resnet"
@@ -108,6 +110,22 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def source_model_path(shift: str = "none", *, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where `source_model` caches the demo's source model for `shift` and `seed` (it may not be there yet).
+
+    Example:
+        >>> source_model_path("fog", cache_dir="/cache").as_posix()
+        '/cache/demo-resnet-clean-seed0'
+    """
+    kind = shift if shift in ("spurious", "subpopulation") else "clean"
+    return Path(cache_dir or default_cache_dir()) / f"{SOURCE_MODEL}-{kind}-seed{seed}"
+
+
+def is_cached(path: Path) -> bool:
+    """Whether `path` (from `source_model_path`) holds a complete source model."""
+    return (path / _SOURCE_METRICS).is_file()  # written last: its presence marks a complete cache entry
+
+
 def source_model(
     shift: str = "none", *, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
 ) -> Path:
@@ -122,9 +140,8 @@ def source_model(
 
         model = ResNetForImageClassification.from_pretrained(source_model("fog"))
     """
-    kind = shift if shift in ("spurious", "subpopulation") else "clean"
-    path = Path(cache_dir or default_cache_dir()) / f"{SOURCE_MODEL}-{kind}-seed{seed}"
-    if (path / _SOURCE_METRICS).is_file():  # written last: its presence marks a complete cache entry
+    path = source_model_path(shift, seed=seed, cache_dir=cache_dir)
+    if is_cached(path):
         return path
     source = split_source_target(load_digits(_IMAGE_SIZE), shift, seed=seed)["source"]
     parts = split_target(source, train_n=source.num_rows * 9 // 10, seed=seed)

@@ -35,11 +35,20 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..blocks import format_bytes
 from ..experiments.data import DIGITS
 from ..tuner import save_adapter
 from .tasks import task_of
 
-__all__ = ["BASE_MODEL_PLACEHOLDER", "TEMPLATE_PATH", "push_adapter", "render_model_card", "save_adapter_with_card"]
+__all__ = [
+    "BASE_MODEL_PLACEHOLDER",
+    "TEMPLATE_PATH",
+    "adapter_size",
+    "describe_adapter_size",
+    "push_adapter",
+    "render_model_card",
+    "save_adapter_with_card",
+]
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 """The model card template (Jinja, as `huggingface_hub.ModelCard.from_template` renders it)."""
@@ -79,10 +88,6 @@ def _format(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _format_bytes(count: int) -> str:
-    return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
-
-
 def render_model_card(
     model: Any,
     *,
@@ -93,6 +98,7 @@ def render_model_card(
     repo_id: str | None = None,
     license: str | None = None,
     eval_size: int | None = None,
+    new_labels: bool = False,
 ) -> str:
     """The model card (README.md) of a surgical adapter, rendered from `TEMPLATE_PATH`.
 
@@ -110,6 +116,9 @@ def render_model_card(
         repo_id: the Hub repository the card is for (its title and the loading snippet).
         license: the adapter's license, a Hub license id (e.g. `"apache-2.0"`).
         eval_size: the number of examples the metrics were measured on.
+        new_labels: the model's labels are not the base's (a new head, or names given to transformers' `LABEL_<i>`):
+            the loading snippet gives the base its `id2label` (and, for a new head, `ignore_mismatched_sizes=True`),
+            so that the loaded model names its predictions as the adapter was trained.
 
     Example:
         >>> import torch
@@ -145,6 +154,10 @@ def render_model_card(
         datasets=[dataset] if _is_hub_id(dataset) else None,
     )
     labels = _label_names(model, task.pipeline_tag)
+    keywords = ""
+    if new_labels and labels:
+        keywords = f"id2label={dict(enumerate(labels))!r}"
+        keywords += ", ignore_mismatched_sizes=True" if config.modules_to_save else ""
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -154,8 +167,8 @@ def render_model_card(
         local_base=None if hub_base else base,
         placeholder=BASE_MODEL_PLACEHOLDER,
         import_line=task.import_line,
-        load_base=task.load(hub_base or BASE_MODEL_PLACEHOLDER),
-        adapter_size=_adapter_size(model),
+        load_base=task.load(hub_base or BASE_MODEL_PLACEHOLDER, keywords),
+        adapter_size=describe_adapter_size(model),
         shift=shift,
         dataset_description=_describe_dataset(dataset),
         labels=labels[:_MAX_LABELS],
@@ -168,12 +181,28 @@ def render_model_card(
     return str(card)
 
 
-def _adapter_size(model: Any) -> str:
+def adapter_size(model: Any) -> tuple[int, int]:
+    """The number of tensors the adapter of `model` (a `PeftModel`) saves, and their bytes (the bulk of
+    `adapter_model.safetensors`).
+
+    Example:
+        >>> import torch
+        >>> from peft import get_peft_model
+        >>> from surgical_peft import SurgicalConfig
+        >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), SurgicalConfig(target_modules=["0"]))
+        >>> adapter_size(model)
+        (2, 80)
+    """
     import peft
 
     deltas = peft.get_peft_model_state_dict(model, save_embedding_layers=False)  # "auto" looks the base up online
-    sizes = [tensor.numel() * tensor.element_size() for tensor in deltas.values()]
-    return f"{len(sizes)} tensors, {_format_bytes(sum(sizes))}"
+    return len(deltas), sum(tensor.numel() * tensor.element_size() for tensor in deltas.values())
+
+
+def describe_adapter_size(model: Any) -> str:
+    """`adapter_size` in words, e.g. `'2 tensors, 0.1 kB'`."""
+    tensors, size = adapter_size(model)
+    return f"{tensors} tensors, {format_bytes(size)}"
 
 
 def _versions() -> dict[str, str]:

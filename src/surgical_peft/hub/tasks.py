@@ -26,11 +26,12 @@ class Task(NamedTuple):
 
     pipeline_tag: str | None
     import_line: str  # e.g. "from transformers import AutoModelForImageClassification"; "" when none is needed
-    loader: str  # a format string of the call that loads the base from `{base}`
+    loader: str  # a format string of the call that loads the base from `{base}` (with `{keywords}` for more)
 
-    def load(self, base: str) -> str:
-        """The call that loads the base model `base` (a Hub id or path)."""
-        return self.loader.format(base=base)
+    def load(self, base: str, keywords: str = "") -> str:
+        """The call that loads the base model `base` (a Hub id or path), with more `keywords` (e.g. `"id2label=..."`)
+        where the loader takes them (transformers' Auto classes)."""
+        return self.loader.format(base=base, keywords=f", {keywords}" if keywords else "")
 
 
 # (pipeline_tag, Auto class, the name of its mapping in `transformers.models.auto.modeling_auto`), most specific
@@ -75,6 +76,6 @@ def task_of(model: nn.Module) -> Task:
     name = type(model).__name__
     for pipeline_tag, auto_class, mapping in _TRANSFORMERS_TASKS:
         if name in _class_names(getattr(modeling_auto, mapping, {})):
-            loader = f'{auto_class}.from_pretrained("{{base}}")'
+            loader = f'{auto_class}.from_pretrained("{{base}}"{{keywords}})'
             return Task(pipeline_tag, f"from transformers import {auto_class}", loader)
     return Task(None, "", f"...  # the base model ({name}), as it was before fine-tuning")

@@ -5,9 +5,11 @@
 | `accounting.py` | noise calibration and spent epsilon: exact Gaussian-DP composition of full-batch steps |
 | `arguments.py` | `PrivacyArguments`: the budget and the NoisyGD settings |
 | `transform.py` | `FeatureTransform`: L2 normalisation, a public PCA basis, the probe folded into the head |
-| `noisy_gd.py` | `noisy_gd`: full-batch NoisyGD of a linear softmax probe |
+| `noisy_descent.py` | `noisy_gd`: full-batch NoisyGD of a linear softmax probe |
 | `head.py` | the head's `nn.Linear` and its input features, computed once |
 | `probe.py` | `private_linear_probe`: all of it, in place on a model, with its privacy record |
+
+Its names are imported on first use, so that `PrivacyArguments` (the command line's options) loads without torch.
 
 Example:
     >>> from surgical_peft.privacy import PrivacyArguments, noise_multiplier
@@ -15,12 +17,9 @@ Example:
     6.0
 """
 
-from .accounting import ACCOUNTANT, check_delta, check_epsilon, noise_multiplier, spent_epsilon
-from .arguments import PrivacyArguments
-from .head import head_inputs, head_linear
-from .noisy_gd import noisy_gd
-from .probe import MECHANISM, check_private_data, private_linear_probe
-from .transform import FeatureTransform
+from __future__ import annotations
+
+from ..lazy import lazy_names
 
 __all__ = [
     "ACCOUNTANT",
@@ -37,3 +36,21 @@ __all__ = [
     "private_linear_probe",
     "spent_epsilon",
 ]
+
+_LAZY = {
+    "ACCOUNTANT": "accounting",
+    "MECHANISM": "probe",
+    "FeatureTransform": "transform",
+    "PrivacyArguments": "arguments",
+    "check_delta": "accounting",
+    "check_epsilon": "accounting",
+    "check_private_data": "probe",
+    "head_inputs": "head",
+    "head_linear": "head",
+    "noise_multiplier": "accounting",
+    "noisy_gd": "noisy_descent",  # (a module named as the function would hide it once imported)
+    "private_linear_probe": "probe",
+    "spent_epsilon": "accounting",
+}
+
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

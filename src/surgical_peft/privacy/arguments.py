@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
-
-from torch.utils.data import Dataset
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from .accounting import check_delta, check_epsilon
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 __all__ = ["PrivacyArguments"]
 
@@ -44,14 +45,25 @@ class PrivacyArguments:
             system; anyone who knows the seed can remove the noise).
     """
 
-    epsilon: float
-    delta: float = 1e-5
-    feature_norm: bool = False
-    pca_dim: int | None = None
-    public_dataset: Dataset | Sequence[dict[str, Any]] | None = None
-    steps: int = 100
-    learning_rate: float = 5.0
-    clipping_norm: float = 1.0
+    _argument_group_name = "differential privacy (--strategy dp-linear-probe, dp-surgical)"  # the help's section
+
+    epsilon: float = field(
+        metadata={"help": "privacy budget epsilon, in (0, 1e100] (required)", "required": False}  # see cli/privacy.py
+    )
+    delta: float = field(default=1e-5, metadata={"help": "privacy budget delta, below 1/train-n"})
+    feature_norm: bool = field(
+        default=False, metadata={"help": "L2-normalise the head's input features (dp-linear-probe)"}
+    )
+    pca_dim: int | None = field(
+        default=None, metadata={"help": "project the features on this many principal directions of the public data"}
+    )
+    public_dataset: Dataset | Sequence[dict[str, Any]] | None = None  # the option names a dataset: DataArguments
+    steps: int = field(default=100, metadata={"help": "NoisyGD steps, dp-linear-probe", "option": "--dp-steps"})
+    learning_rate: float = field(
+        default=5.0,
+        metadata={"help": "NoisyGD learning rate, dp-linear-probe (dp-surgical uses --lr)", "option": "--dp-lr"},
+    )
+    clipping_norm: float = field(default=1.0, metadata={"help": "per-example gradient norm bound"})
     noise_seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ from ..errors import InputError
 from .accounting import ACCOUNTANT, check_delta, noise_multiplier, spent_epsilon
 from .arguments import PrivacyArguments
 from .head import head_inputs, head_linear
-from .noisy_gd import noisy_gd
+from .noisy_descent import noisy_gd
 from .transform import FeatureTransform, check_pca_dim
 
 __all__ = ["MECHANISM", "check_private_data", "private_linear_probe"]

@@ -1,4 +1,4 @@
-"""`FineTuneArguments`: how to fine-tune (every field has a command-line twin), and `FineTuneResult`.
+"""`FineTuneArguments`: how to fine-tune (a field with a `help` is a command-line option too), and `FineTuneResult`.
 
 Example:
     >>> from surgical_peft.training import FineTuneArguments
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .loop import Examples
     from .strategies._base import Phase
 
-__all__ = ["LR_MODES", "MIXED_PRECISION", "FineTuneArguments", "FineTuneResult"]
+__all__ = ["DELTA_DTYPES", "LR_MODES", "MIXED_PRECISION", "FineTuneArguments", "FineTuneResult"]
 
 LR_MODES = ("constant", "rgn")
 """`constant`, or `rgn`: each tensor's learning rate scaled by its relative gradient norm, every epoch (Auto-RGN)."""
@@ -37,12 +37,19 @@ LR_MODES = ("constant", "rgn")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 """Accelerate's mixed precision modes."""
 
+DELTA_DTYPES = ("float32", "bfloat16", "float16")  # a copy of tuner.config.DELTA_DTYPES, which imports PEFT
+"""The dtypes the deltas may be saved in (`SurgicalConfig.delta_dtype`)."""
+
+_SCHEDULES = "schedules and self-training"  # a section of the command line's help
+_STRATEGIES_HELP = "; ".join(f"{name}: {STRATEGIES.literal(name, 'description')}" for name in STRATEGIES.names)
+
 _MAX_SEED = 2**32 - 1  # numpy's bound, which Accelerate's `set_seed` seeds too
 
 
 @dataclass
 class FineTuneArguments:
-    """How to fine-tune. Every field has a command-line twin in `examples/train.py`.
+    """How to fine-tune. A field with a `help` in its metadata is an option of `surgical-peft train` and
+    `examples/train.py` too (`surgical_peft.argparser`).
 
     Args:
         strategy: one of `STRATEGIES.names` (`surgical_peft.training.strategies`).
@@ -84,30 +91,105 @@ class FineTuneArguments:
             uncertainty; the first (the run's seed) is the teacher that labels.
     """
 
-    strategy: str = "surgical"
-    blocks: list[str] = field(default_factory=lambda: [HEAD])
-    epochs: int = 10
-    lp_epochs: int | None = None
-    learning_rate: float = 1e-3
-    lr_mode: str = "constant"
-    lr_decay: float = 1.0
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    gradient_accumulation_steps: int = 1
+    _argument_group_name = "fine-tuning"  # the options' section of the command line's help
+
+    strategy: str = field(
+        default="surgical",
+        metadata={"help": _STRATEGIES_HELP, "choices": STRATEGIES.names},
+    )
+    blocks: list[str] = field(
+        default_factory=lambda: [HEAD],
+        metadata={
+            "help": f"block to tune, repeatable; '{ALL}' for full fine-tuning, '{AUTO}' to pick one by Auto-RGN "
+            f"(default: {HEAD})",
+            "option": "--block",
+            "action": "append",
+            "metavar": "BLOCK",
+        },
+    )
+    epochs: int = field(default=10, metadata={"help": "epochs"})
+    lp_epochs: int | None = field(default=None, metadata={"help": "linear-probe epochs of lp-ft (default: --epochs)"})
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "AdamW learning rate", "option": "--lr", "aliases": ["--learning-rate"]}
+    )
+    lr_mode: str = field(
+        default="constant",
+        metadata={
+            "help": "rgn: scale each tensor's learning rate by its relative gradient norm",
+            "choices": LR_MODES,
+        },
+    )
+    lr_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "discriminative learning rates: a block DEPTH blocks below the head trains at lr * F**DEPTH, F in "
+            "(0, 1] (1: no decay)",
+            "metavar": "F",
+        },
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    batch_size: int = field(default=32, metadata={"help": "per-device batch size"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     modules_to_save: list[str] | None = None
-    delta_dtype: str | None = None
-    mixed_precision: str | None = None
-    seed: int = 0
-    output_dir: str | None = None
-    progress: bool = True
-    cache_features: bool = False
+    delta_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype of the saved deltas (default: the weights')", "choices": DELTA_DTYPES},
+    )
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "fp16 needs a GPU (default: as configured for accelerate launch)",
+            "choices": MIXED_PRECISION,
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the data splits, the shift and the training"})
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "checkpoints, adapter/ and metrics.json; a rerun resumes from the last checkpoint "
+            "(default: outputs/<model>-<dataset>-<shift>-<blocks>-seed<seed>)",
+            "group": "output",
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "hide progress bars", "group": "output"})
+    cache_features: bool = field(
+        default=False,
+        metadata={
+            "help": "compute the frozen blocks in front of the tuned ones once per image and reuse them every epoch "
+            "(the input pipeline here is deterministic)"
+        },
+    )
     cache_max_bytes: int = 4 * 2**30
     privacy: PrivacyArguments | None = None
-    switch_every: int | None = None
+    switch_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "alternate: switch block every K optimizer steps (default: every epoch)",
+            "metavar": "K",
+            "group": _SCHEDULES,
+        },
+    )
     unlabeled_dataset: Examples | None = field(default=None, repr=False)
-    pseudo_label_threshold: float = 0.2
-    self_train_rounds: int = 1
-    ensemble_size: int = 3
+    pseudo_label_threshold: float = field(
+        default=0.2,
+        metadata={
+            "help": "self-train: keep a pseudo-label when the ensemble's entropy over log(classes) is at most H, in "
+            "[0, 1]",
+            "metavar": "H",
+            "group": _SCHEDULES,
+        },
+    )
+    self_train_rounds: int = field(
+        default=1, metadata={"help": "self-train: teacher-student rounds", "group": _SCHEDULES}
+    )
+    ensemble_size: int = field(
+        default=3,
+        metadata={
+            "help": "self-train: adapters (seeds apart) whose mean prediction measures the uncertainty; the first "
+            "labels",
+            "group": _SCHEDULES,
+        },
+    )
 
     def __post_init__(self) -> None:
         STRATEGIES.check(self.strategy)
@@ -159,6 +241,8 @@ class FineTuneArguments:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.cache_max_bytes < 0:
             raise InputError(f"cache_max_bytes must be at least 0, got {self.cache_max_bytes}.")
+        if self.delta_dtype is not None and self.delta_dtype not in DELTA_DTYPES:
+            raise InputError(f"Unknown delta_dtype {self.delta_dtype!r}. Valid: {', '.join(DELTA_DTYPES)} (or None).")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise InputError(
                 f"Unknown mixed_precision {self.mixed_precision!r}. Valid: {', '.join(MIXED_PRECISION)} (or None)."

@@ -26,14 +26,18 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import Accelerator
 
 from ..errors import InputError
 from ..files import fsync, move_into_place
+
+if TYPE_CHECKING:
+    from .strategies._base import Phase
 
 __all__ = ["Progress", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -59,6 +63,22 @@ class Progress:
     def number(self) -> int:
         """The number of the checkpoint that holds this progress: the epochs done over every phase, from 0."""
         return sum(self.epochs_done) - 1
+
+    def epochs_of(self, phases: Sequence[Phase]) -> tuple[int, int]:
+        """The epochs done and the epochs of the whole run, over the run's `phases` (which a rerun may have made
+        longer: a phase before the current one is over, whatever its epochs are now).
+
+        Example:
+            >>> from surgical_peft.training.strategies._base import Phase
+            >>> Progress(phase=0, epochs_done=[1]).epochs_of([Phase("fine-tune", ["stage1"], 3, 1e-3)])
+            (1, 3)
+        """
+        done = sum(self.epochs_done)
+        left = 0
+        for index, phase in enumerate(phases):
+            ran = self.epochs_done[index] if index < len(self.epochs_done) else 0
+            left += 0 if index < self.phase else max(phase.epochs - ran, 0)
+        return done, done + left
 
 
 def _checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,9 +42,10 @@ from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..blocks import ALL, AUTO, BlockMap, list_blocks
+from ..blocks import ALL, AUTO, BlockMap, list_blocks, unwrap_model
 from ..errors import InputError
 from ..features import FeatureCache, IndexedDataset
+from ..labels import check_label_names
 from ..selection import select_blocks
 from ..tuner import SurgicalConfig, SurgicalModel, quiet_get_peft_model
 from .accelerator import make_accelerator, set_unused_parameter_search
@@ -58,6 +60,8 @@ from .strategies._base import Phase
 __all__ = ["adapter_config", "epoch_seed", "fine_tune"]
 
 Examples = Dataset | Sequence[dict[str, Any]]
+
+logger = logging.getLogger(__name__)  # one line per epoch and where a run resumes (INFO, main process only)
 
 
 @dataclass
@@ -134,6 +138,13 @@ def _start(
     generator = torch.Generator()
     indexed = IndexedDataset(train_dataset) if args.cache_features else train_dataset  # the cache keys by index
     resume = latest_checkpoint(args.output_dir)
+    if resume is not None and accelerator.is_main_process:
+        checkpoint, progress = resume
+        done, total = progress.epochs_of(args.phases())
+        if done < total:
+            logger.info(f"resuming from checkpoint {progress.number} (epoch {done} of {total}): {checkpoint}")
+        else:
+            logger.info(f"already complete: {total} epochs, nothing to train ({checkpoint})")
     return _Run(
         args=args,
         accelerator=accelerator,
@@ -264,6 +275,9 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
         record: dict[str, Any] = {"phase": phase.name, "epoch": epoch + 1, "train_loss": loss}
         if eval_loader is not None:
             accuracy = record["eval_accuracy"] = evaluate_accuracy(model, eval_loader, accelerator)
+        if accelerator.is_main_process:
+            scored = f", eval accuracy {accuracy:.4f}" if eval_loader is not None else ""
+            logger.info(f"{description}: train loss {loss:.4f}{scored}")
         run.progress.history.append(record)
         run.progress.epochs_done[index] = epoch + 1
         run.progress.phase = index
@@ -293,11 +307,18 @@ def fine_tune(
     `args.output_dir`, every epoch is checkpointed there and a rerun resumes from the latest checkpoint, bit-identical
     to an uninterrupted run.
 
+    Each epoch logs one line (train loss, eval accuracy) at INFO on the main process, and a rerun says where it
+    resumes (`logging.getLogger("surgical_peft")`; the command line prints them).
+
     Raises:
-        InputError: for fp16 on a CPU, or a caller's `accelerator` that names checkpoints itself.
+        InputError: for fp16 on a CPU, a caller's `accelerator` that names checkpoints itself, or data whose class
+            names (a `datasets` `ClassLabel`) are not the model's labels in its order (`surgical_peft.labels`).
         TrainingError: when a loss or a trained tensor is not finite (nothing of that epoch is saved).
     """
     args = args or FineTuneArguments()
+    id2label = getattr(getattr(unwrap_model(model), "config", None), "id2label", None)
+    for dataset in (train_dataset, eval_dataset):
+        check_label_names(dataset, id2label)
     callers_accelerator = accelerator is not None
     accelerator = accelerator or make_accelerator(args)
     if args.output_dir is not None and accelerator.project_configuration.automatic_checkpoint_naming:

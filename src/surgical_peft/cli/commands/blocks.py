@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import MODEL_HELP
+from ..arguments import MODEL_HELP
 
 __all__ = ["COMMAND"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import add_cache_dir_option, add_target_options
+from ..defaults import DEFAULT_SHIFT, SEVERITIES, SHIFTS, SOURCE_MODEL
 
 __all__ = ["COMMAND"]
 
@@ -18,10 +18,18 @@ class Demo:
     epilog = "examples:\n  surgical-peft demo\n  surgical-peft demo --shift label-permutation --repeats 1"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        add_target_options(parser, train_n=150)
+        shifts = f"target shift: {', '.join(SHIFTS)}"
+        parser.add_argument("--shift", choices=SHIFTS, default=DEFAULT_SHIFT, metavar="SHIFT", help=shifts)
+        severities = "corruption severity, 1-5"
+        parser.add_argument("--severity", type=int, choices=SEVERITIES, default=SEVERITIES[-1], help=severities)
+        parser.add_argument("--train-n", type=int, default=150, help="labelled target training images")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the data splits, the shift and the training")
         parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
         parser.add_argument("--repeats", type=int, default=3, help="seeds per row")
-        add_cache_dir_option(parser)
+        parser.add_argument(
+            "--cache-dir",
+            help=f"cache of the pretrained {SOURCE_MODEL} (default: $SURGICAL_PEFT_CACHE or ~/.cache/surgical_peft)",
+        )
         parser.add_argument("--output-dir", default="outputs/demo", help="where demo.png and results.json go")
 
     def run(self, args: argparse.Namespace) -> None:

@@ -7,16 +7,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ...argparser import add_dataclass_arguments, dataclass_from_options
 from ...criteria import CRITERIA
-from ...errors import InputError
-from ..options import MODEL_HELP, add_cache_dir_option, add_dataset_options, add_target_options, whole_number
+from ...training.arguments import FineTuneArguments
+from ..arguments import MODEL_HELP, DataArguments, ModelArguments, RunArguments
 
 if TYPE_CHECKING:
     from ...ranking import BlockRanking
 
 __all__ = ["COMMAND"]
-
-_MAX_IMAGE_SIZE = 8192  # pixels a side: larger overflows the resize
 
 
 class Rank:
@@ -28,10 +27,12 @@ class Rank:
         "  sweep  fine-tune each block briefly and score it on held-out data (slow, direct)\n"
         "  greedy grow a block subset by held-out accuracy, one block at a time (slowest; SubTuning)\n"
         "Prints a table of block, score and parameter count; the best block is the one to tune.\n\n"
-        "The blocks are ranked on --train-n labelled target images, after --shift. With your own MODEL or DATA,\n"
-        "all of DATA is the target and no shift is applied unless --shift asks. The built-in demo (demo-resnet on\n"
-        "digits) splits the digits into a source half, which the demo's small ResNet is pretrained on for the shift\n"
-        "(a minute the first time, then cached), and a target half, shifted by contrast at severity 5 by default."
+        "The blocks are ranked on --train-n labelled target images (default: all of them, at most 200), after\n"
+        "--shift, with the model's head as it is: the dataset's class names must be its labels, in any order. With\n"
+        "your own MODEL or DATA, all of DATA is the target and no shift is applied unless --shift asks. The built-in\n"
+        "demo (demo-resnet on digits) splits the digits into a source half, which the demo's small ResNet is\n"
+        "pretrained on for the shift (a minute the first time, then cached), and a target half, shifted by contrast\n"
+        "at severity 5 by default."
     )
     epilog = (
         "examples:\n"
@@ -48,16 +49,12 @@ class Rank:
             help="the data: 'digits' (built in), a Hub dataset id (cached, when offline) or an imagefolder directory",
         )
         parser.add_argument("--criterion", choices=CRITERIA.names, default="rgn", help="how blocks are scored")
-        add_dataset_options(parser)
-        add_target_options(parser, train_n=200, shift=None, severity=None)
-        add_cache_dir_option(parser)
+        add_dataclass_arguments(parser, DataArguments, exclude=("dataset", "eval_n", "unlabeled_n", "public_dataset"))
+        add_dataclass_arguments(parser, ModelArguments, include=("cache_dir",))
+        # sweep and greedy fine-tune each candidate briefly: 3 epochs
+        sweep = ("epochs", "learning_rate", "batch_size", "seed")
+        add_dataclass_arguments(parser, FineTuneArguments, include=sweep, defaults={"epochs": 3})
         parser.add_argument("--num-batches", type=int, default=4, help="batches rgn and snr average over")
-        parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
-        parser.add_argument(
-            "--image-size", type=whole_number(1, _MAX_IMAGE_SIZE), help="image side in pixels (default: the model's)"
-        )
-        parser.add_argument("--epochs", type=int, default=3, help="sweep, greedy: epochs of fine-tuning per candidate")
-        parser.add_argument("--learning-rate", type=float, default=1e-3, help="sweep, greedy: learning rate")
         parser.add_argument(
             "--greedy-threshold",
             type=float,
@@ -72,36 +69,30 @@ class Rank:
         from torch.utils.data import DataLoader
 
         from ...selection import rank_blocks
-        from ...training import FineTuneArguments
-        from ..models import load_model
         from ..target import load_target
 
         # Checked first (epochs, learning rate, batch size, seed), before any data or model is loaded.
-        sweep = FineTuneArguments(
-            epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=args.seed
+        sweep = dataclass_from_options(FineTuneArguments, args)
+        run = RunArguments(
+            model=dataclass_from_options(ModelArguments, args),
+            data=dataclass_from_options(DataArguments, args, eval_n=0),  # no evaluation split: it only ranks
+            fine_tune=sweep,
         )
-        target = load_target(args, eval_n=0, use="ranking")
-        print(target.message, flush=True)
-        loaded = load_model(args.model, shift=args.shift, seed=args.seed, cache_dir=args.cache_dir)
-        num_classes, num_labels = len(target.label_names), loaded.model.config.num_labels
-        if num_classes > num_labels:
-            raise InputError(
-                f"{args.dataset!r} has {num_classes} classes but the model's head predicts {num_labels}: use a model "
-                "fine-tuned for this label set (e.g. one saved by 'surgical-peft train')."
-            )
+        target = load_target(run, use="ranking", keep_head=True)
+        print(target.describe(), flush=True)
         loader = DataLoader(
-            loaded.preprocess(target.train, image_size=args.image_size),
-            batch_size=args.batch_size,
+            target.train,
+            batch_size=sweep.batch_size,
             shuffle=True,
-            generator=torch.Generator().manual_seed(args.seed),
+            generator=torch.Generator().manual_seed(sweep.seed),
         )
         ranking = rank_blocks(
-            loaded.model,
+            target.model.model,
             loader,
             args.criterion,
             num_batches=args.num_batches,
             sweep_args=sweep,
-            seed=args.seed,
+            seed=sweep.seed,
             greedy_threshold=args.greedy_threshold,
         )
         _report(ranking, args)
