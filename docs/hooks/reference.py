@@ -37,6 +37,7 @@ TOP_LEVEL_MODULES = ("features", "errors", "registry")
 API_PAGE = "reference/api.md"
 CLI_PAGE = "reference/cli.md"
 _USAGE_WIDTH = 80
+_SHORT_CHOICES = 24  # characters of `{a,b,c}` shown beside the option; longer lists are listed in its help
 
 
 # ---------------------------------------------------------------------------------------------------------- the API
@@ -164,11 +165,15 @@ def _help(action: argparse.Action, prog: str) -> str:
     return (action.help or "") % {**fields, "prog": prog}
 
 
+def _choices(action: argparse.Action) -> str | None:
+    """The choices as argparse shows them (`{a,b}`), or None."""
+    return None if action.choices is None else "{" + ",".join(map(str, action.choices)) + "}"
+
+
 def _invocation(action: argparse.Action) -> str:
-    if action.choices is not None and not isinstance(action, argparse._SubParsersAction):
-        metavar = action.metavar or "{" + ",".join(map(str, action.choices)) + "}"
-    else:
-        metavar = action.metavar or action.dest.upper()
+    """How the argument is written; long choices go to the help column instead (`_help_cell`)."""
+    choices = _choices(action)
+    metavar = action.metavar or (choices if choices and len(choices) <= _SHORT_CHOICES else action.dest.upper())
     if not action.option_strings:
         return metavar
     takes_value = action.nargs != 0
@@ -185,13 +190,21 @@ def _cell(text: str) -> str:
     return re.sub(r"\s+", " ", text).replace("|", "\\|").replace("<", "&lt;").strip()
 
 
+def _help_cell(action: argparse.Action, prog: str) -> str:
+    text = _help(action, prog)
+    choices = _choices(action)
+    if choices and len(choices) > _SHORT_CHOICES and not action.metavar:
+        text += f" (one of: {', '.join(f'`{choice}`' for choice in action.choices)})"
+    return text
+
+
 def _rows(action: argparse.Action, prog: str) -> Iterator[str]:
     """Table rows: one per option or positional argument; one per subcommand for the subcommands' action."""
     if isinstance(action, argparse._SubParsersAction):
         for choice in action._choices_actions:
-            yield f"| [`{choice.dest}`](#surgical-peft-{choice.dest}) | {_cell(choice.help or '')} | |"
+            yield f"| [`{choice.dest}`](#surgical-peft-{choice.dest}) | {_cell(choice.help or '')} |"
         return
-    yield f"| `{_cell(_invocation(action))}` | {_cell(_help(action, prog))} | {_default(action)} |"
+    yield f"| `{_cell(_invocation(action))}` | {_cell(_help_cell(action, prog))} | {_default(action)} |"
 
 
 def _arguments(parser: argparse.ArgumentParser) -> Iterator[str]:
@@ -201,8 +214,10 @@ def _arguments(parser: argparse.ArgumentParser) -> Iterator[str]:
             continue
         yield f"**{group.title}**" if group.title else ""
         yield ""
-        yield "| argument | what | default |"
-        yield "|---|---|---|"
+        if any(isinstance(action, argparse._SubParsersAction) for action in actions):
+            yield from ("| command | what |", "|---|---|")
+        else:
+            yield from ("| argument | what | default |", "|---|---|---|")
         for action in actions:
             yield from _rows(action, parser.prog)
         yield ""
