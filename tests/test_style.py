@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = [p for p in ("src", "tests", "examples", "benchmarks") if (ROOT / p).exists()]
+PATHS = [p for p in ("src", "tests", "examples", "benchmarks", "docs/hooks") if (ROOT / p).exists()]
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])

@@ -1,7 +1,7 @@
 """timm backbones: blocks from timm's layer groups, for timm models and transformers' TimmWrapper; exact round trips.
 
 timm needs torchvision, which imports only beside its own torch build: these tests run in the second environment
-that `.ci/run` builds (see the README), and are skipped where timm is absent.
+that `.ci/run` builds (see docs/guides/blocks.md), and are skipped where timm is absent.
 """
 
 from __future__ import annotations
