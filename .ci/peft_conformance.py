@@ -1,18 +1,22 @@
-"""Run PEFT's own generic tuner suite (`tests/test_custom_models.py`) on `SurgicalConfig`.
+"""Run PEFT's own test suites on `SurgicalConfig`: the generic tuner suite, or the config suite.
 
-PEFT holds every method to `PeftCommonTester`, driven by `tests/test_custom_models.py` over toy models. The suite ships
-in PEFT's source distribution, so this script:
+PEFT holds every method to `PeftCommonTester`, driven by `tests/test_custom_models.py` over toy models (`--suite
+generic`, the default), and every config class to `tests/test_config.py` (`--suite config`). Both ship in PEFT's
+source distribution, so this script:
 
 1. downloads the sdist of the installed peft version once (`pip download --no-deps --no-binary :all:`) into
    `.cache/peft-sdist/`, and stops with a one-line message if the package registry cannot be reached;
 2. extracts its `tests/` (and PEFT's pytest settings), adds `tests/__init__.py` (the suite's imports are relative) and
-   inserts the SURGICAL rows below into `TEST_CASES` right before `ALL_PEFT_CONFIG_CLASSES` is computed;
-3. runs `pytest tests/test_custom_models.py -k SURGICAL` (which also selects the tests parametrised over
-   `ALL_PEFT_CONFIG_CLASSES` with `SurgicalConfig`), reads the junit xml and prints the counts by test;
-4. exits with status 1 when fewer tests pass than the floor stored in `.ci/peft_conformance_floor`.
+   inserts the SURGICAL rows into the suite's table right before the line it is read from (`TEST_CASES` before
+   `ALL_PEFT_CONFIG_CLASSES` is computed; `ALL_CONFIG_CLASSES` before `LAYER_INDEXING_CONFIG_CLASSES`);
+3. runs the suite's SURGICAL tests with pytest (`-k`), leaving out those that need the Hub (`Suite.needs_hub`), reads
+   the junit xml and prints the counts by test;
+4. exits with status 1 when fewer tests pass than the suite's floor (`.ci/peft_conformance_floor`,
+   `.ci/peft_config_floor`), or, for a suite that must pass entirely, when any fails.
 
-The suite imports diffusers: `pip install diffusers` first (it does not pull torch). `docs/peft-conformance.md`
-explains each remaining failure. Usage: `python .ci/peft_conformance.py [--junit-xml PATH] [--keep-going]`.
+The generic suite imports diffusers: `pip install diffusers` first (it does not pull torch). `docs/peft-conformance.md`
+explains each remaining failure. Usage: `python .ci/peft_conformance.py [--suite generic|config] [--junit-xml PATH]
+[--keep-going]`.
 """
 
 from __future__ import annotations
@@ -26,13 +30,11 @@ import sys
 import tarfile
 import xml.etree.ElementTree as ElementTree
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
-FLOOR_FILE = REPO / ".ci" / "peft_conformance_floor"
-ANCHOR = "ALL_PEFT_CONFIG_CLASSES = sorted("
-SELECTOR = "SURGICAL"  # pytest's -k is case-insensitive: the rows below and the `SurgicalConfig` parameter ids
 
 # (name, toy model of test_custom_models.py, SurgicalConfig kwargs): every kind of module the toy models offer.
 ROWS: list[tuple[str, str, dict]] = [
@@ -61,6 +63,50 @@ ROWS: list[tuple[str, str, dict]] = [
 ]
 
 
+@dataclass(frozen=True)
+class Suite:
+    """One of PEFT's test files, with the SURGICAL rows inserted into the table it is parametrised over."""
+
+    test_file: str
+    anchor: str  # the line the rows are inserted before: where the table is read
+    rows: str  # Python code that adds the rows to the table
+    selector: str  # pytest's -k expression (case-insensitive) for the SURGICAL tests
+    floor_file: Path
+    needs_hub: tuple[str, ...] = ()  # test functions left out: they download from the Hub
+    must_all_pass: bool = False
+
+    def node_prefixes(self) -> list[str]:
+        """pytest node-id prefixes of the `needs_hub` tests (`name[` takes that function's parametrisations only)."""
+        return [f"tests/{self.test_file}::{name}[" for name in self.needs_hub]
+
+
+_GENERIC_ROWS = "".join(f"    ({name!r}, {model!r}, SurgicalConfig, {kwargs!r}),\n" for name, model, kwargs in ROWS)
+SUITES = {
+    "generic": Suite(
+        test_file="test_custom_models.py",
+        anchor="ALL_PEFT_CONFIG_CLASSES = sorted(",
+        rows=f"TEST_CASES += [\n{_GENERIC_ROWS}]\n\n",
+        selector="SURGICAL",  # the rows above and the `SurgicalConfig` parameter ids
+        floor_file=REPO / ".ci" / "peft_conformance_floor",
+    ),
+    "config": Suite(
+        test_file="test_config.py",
+        anchor="LAYER_INDEXING_CONFIG_CLASSES = [",
+        rows="ALL_CONFIG_CLASSES += ((SurgicalConfig, {}),)\n\n",
+        # the tests parametrised with SurgicalConfig, and the one that builds a config of every registered PeftType
+        selector="SurgicalConfig or test_from_peft_type",
+        floor_file=REPO / ".ci" / "peft_config_floor",
+        # each loads peft-internal-testing/tiny-opt-lora-revision from the Hub
+        needs_hub=(
+            "TestPeftConfig::test_from_pretrained",
+            "TestPeftConfig::test_from_pretrained_cache_dir",
+            "TestPeftConfig::test_save_pretrained_with_runtime_config",
+        ),
+        must_all_pass=True,
+    ),
+}
+
+
 class ConformanceError(Exception):
     """A problem the script reports in one line (no traceback)."""
 
@@ -82,7 +128,7 @@ def sdist(version: str) -> Path:
     return archive
 
 
-def prepare_suite(archive: Path, version: str) -> Path:
+def prepare_suite(archive: Path, version: str, suite: Suite) -> Path:
     """Extract PEFT's tests and pytest settings next to the archive and insert the SURGICAL rows; returns the root."""
     root = CACHE / "peft-conformance" / f"peft-{version}"
     shutil.rmtree(root, ignore_errors=True)
@@ -93,36 +139,34 @@ def prepare_suite(archive: Path, version: str) -> Path:
         ]
         tar.extractall(root.parent, members=members, filter="data")
     (root / "tests" / "__init__.py").touch()
-    suite = root / "tests" / "test_custom_models.py"
-    source = suite.read_text()
-    if source.count(ANCHOR) != 1:
-        raise ConformanceError(f"peft {version}'s test_custom_models.py no longer has one line `{ANCHOR}`")
-    rows = "".join(f"    ({name!r}, {model!r}, SurgicalConfig, {kwargs!r}),\n" for name, model, kwargs in ROWS)
-    insertion = f"TEST_CASES += [\n{rows}]\n\n"
-    source = "from surgical_peft import SurgicalConfig\n" + source.replace(ANCHOR, insertion + ANCHOR)
-    suite.write_text(source)
+    test_file = root / "tests" / suite.test_file
+    source = test_file.read_text()
+    if source.count(suite.anchor) != 1:
+        raise ConformanceError(f"peft {version}'s {suite.test_file} no longer has one line `{suite.anchor}`")
+    source = "from surgical_peft import SurgicalConfig\n" + source.replace(suite.anchor, suite.rows + suite.anchor)
+    test_file.write_text(source)
     return root
 
 
-def run_suite(root: Path, junit_xml: Path) -> None:
-    """Run the SURGICAL tests of the suite, writing `junit_xml` (a failing test does not raise)."""
-    command = [sys.executable, "-m", "pytest", "tests/test_custom_models.py", "-k", SELECTOR, "-o", "addopts="]
+def run_suite(root: Path, suite: Suite, junit_xml: Path) -> None:
+    """Run the SURGICAL tests of `suite` but those that need the Hub, writing `junit_xml` (a failing test does not
+    raise)."""
+    command = [sys.executable, "-m", "pytest", f"tests/{suite.test_file}", "-k", suite.selector, "-o", "addopts="]
     options = ["-p", "no:cacheprovider", "-q", "--no-header", "-rN", "--tb=no", f"--junitxml={junit_xml}"]
-    subprocess.run([*command, *options], cwd=root, check=False)
+    left_out = [option for prefix in suite.node_prefixes() for option in ("--deselect", prefix)]
+    subprocess.run([*command, *options, *left_out], cwd=root, check=False)
     if not junit_xml.is_file():
         raise ConformanceError(f"pytest wrote no report at {junit_xml}: the suite could not be collected (see above)")
 
 
 def outcomes(junit_xml: Path) -> dict[str, Counter]:
-    """`{test function: Counter(passed=, failed=, skipped=)}` over the SURGICAL test cases of a junit xml report."""
+    """`{test function: Counter(passed=, failed=, skipped=)}` over the test cases of a junit xml report (the run
+    selected the SURGICAL ones)."""
     table: dict[str, Counter] = defaultdict(Counter)
     for case in ElementTree.parse(junit_xml).iter("testcase"):
-        name = case.get("name", "")
-        if SELECTOR.lower() not in name.lower():
-            continue
         children = {child.tag for child in case}
         outcome = "failed" if children & {"failure", "error"} else "skipped" if "skipped" in children else "passed"
-        table[name.split("[")[0]][outcome] += 1
+        table[case.get("name", "").split("[")[0]][outcome] += 1
     return dict(table)
 
 
@@ -144,26 +188,33 @@ def report(table: dict[str, Counter]) -> Counter:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--junit-xml", type=Path, default=CACHE / "peft-conformance" / "junit.xml")
+    parser.add_argument("--suite", choices=list(SUITES), default="generic", help="Which of PEFT's suites to run.")
+    parser.add_argument("--junit-xml", type=Path, default=None, help="Default: .cache/peft-conformance/<suite>.xml")
     parser.add_argument("--keep-going", action="store_true", help="Report the counts but never fail on the floor.")
     args = parser.parse_args(argv)
+    suite = SUITES[args.suite]
+    junit_xml = args.junit_xml or CACHE / "peft-conformance" / f"{args.suite}.xml"
     try:
-        if importlib.util.find_spec("diffusers") is None:
+        if args.suite == "generic" and importlib.util.find_spec("diffusers") is None:
             raise ConformanceError("PEFT's test suite imports diffusers: `pip install diffusers` first")
         version = importlib.metadata.version("peft")
-        root = prepare_suite(sdist(version), version)
-        args.junit_xml.parent.mkdir(parents=True, exist_ok=True)
-        args.junit_xml.unlink(missing_ok=True)
-        run_suite(root, args.junit_xml.resolve())
+        root = prepare_suite(sdist(version), version, suite)
+        junit_xml.parent.mkdir(parents=True, exist_ok=True)
+        junit_xml.unlink(missing_ok=True)
+        run_suite(root, suite, junit_xml.resolve())
     except ConformanceError as error:
         print(f"peft_conformance: {error}", file=sys.stderr)
         return 2
-    totals = report(outcomes(args.junit_xml))
-    floor = int(FLOOR_FILE.read_text().split()[0])
-    if totals["passed"] < floor and not args.keep_going:
-        print(f"peft_conformance: {totals['passed']} tests passed, below the floor of {floor} ({FLOOR_FILE.name})")
+    if suite.needs_hub:
+        print(f"left out (they need the Hub): {', '.join(name.split('::')[-1] for name in suite.needs_hub)}")
+    totals = report(outcomes(junit_xml))
+    floor = int(suite.floor_file.read_text().split()[0])
+    name = f"peft_conformance --suite {args.suite}"
+    if not args.keep_going and (totals["passed"] < floor or (suite.must_all_pass and totals["failed"])):
+        rule = f"floor {floor}, {suite.floor_file.name}" + ("; every test must pass" if suite.must_all_pass else "")
+        print(f"{name}: {totals['passed']} tests passed, {totals['failed']} failed ({rule})")
         return 1
-    print(f"peft_conformance: {totals['passed']} passed (floor {floor}), peft {version}")
+    print(f"{name}: {totals['passed']} passed (floor {floor}), peft {version}")
     return 0
 
 

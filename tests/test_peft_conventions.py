@@ -1,5 +1,7 @@
 """PEFT's conventions that its own test suite checks (`.ci/peft_conformance.py`): `init_weights` (True: zero deltas,
-False: small random ones), the tuner-layer attributes, the merged state, and direct injection refused clearly."""
+False: small random ones), the tuner-layer attributes, the merged state, direct injection refused clearly; and what
+its config suite (`.ci/peft_conformance.py --suite config`) checks: a config reads without weights, and a JSON that is
+no PEFT config raises PEFT's `TypeError`."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model
+from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from surgical_peft import SurgicalConfig, list_blocks
-from surgical_peft.errors import InputError
+from surgical_peft.errors import InputError, NotAPeftConfigError
 
 BLOCK = "stage1"
 
@@ -169,3 +171,42 @@ def test_direct_injection_is_refused(
     with pytest.raises(ValueError, match=r"shared state.*get_peft_model"):
         inject_adapter_in_model(SurgicalConfig(block=BLOCK), model)
     assert_untouched(model, before)
+
+
+# ------------------------------------------- PEFT's config suite: reading a config needs no weights (test_config.py)
+def test_a_config_alone_reads_and_starts_a_new_adapter(
+    make_model: Callable[..., nn.Module], logits_of: Callable[..., Any], tmp_path: Path
+) -> None:
+    SurgicalConfig(block=BLOCK, delta_dtype="bfloat16").save_pretrained(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter_config.json"]
+    config = SurgicalConfig.from_pretrained(tmp_path)
+    assert config.to_dict() == SurgicalConfig(block=BLOCK, delta_dtype="bfloat16").to_dict()
+    assert config.saved_modules is None  # no weights file: nothing to read the modules from
+    base_logits = logits_of(make_model("resnet-basic"))
+    model = get_peft_model(make_model("resnet-basic"), config)  # a config template: a new adapter
+    assert torch.equal(logits_of(model), base_logits)
+
+
+def test_a_trained_adapters_config_without_its_weights_is_no_adapter(
+    make_model: Callable[..., nn.Module], tmp_path: Path
+) -> None:
+    get_peft_model(make_model("resnet-basic"), SurgicalConfig(block=BLOCK, init_weights=False)).save_pretrained(
+        tmp_path
+    )
+    (tmp_path / "adapter_model.safetensors").unlink()
+    config = SurgicalConfig.from_pretrained(tmp_path)  # reading it works
+    assert config.base_fingerprint is not None
+    with pytest.raises(InputError, match=r"holds no adapter_model\.safetensors .*set its base_fingerprint to None"):
+        get_peft_model(make_model("resnet-basic"), config)
+    config.base_fingerprint = None
+    get_peft_model(make_model("resnet-basic"), config)
+
+
+@pytest.mark.parametrize("reader", [SurgicalConfig, PeftConfig])
+def test_a_json_that_is_no_peft_config_is_peft_s_type_error(reader: type[PeftConfig], tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"foo": "bar", "baz": 123}))
+    message = f"The {reader.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}."
+    with pytest.raises(TypeError, match=message) as error:
+        reader.from_pretrained(tmp_path)
+    assert isinstance(error.value, NotAPeftConfigError) and isinstance(error.value, InputError)
+    assert str(error.value).startswith(str(tmp_path / "adapter_config.json"))

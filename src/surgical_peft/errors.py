@@ -2,13 +2,16 @@
 
 `InputError` is a `ValueError`: a bad value or combination given by the caller (a block name, a shift, a learning
 rate, a directory), found before anything is changed. Its message names the bad value and the valid choices. The
-command line reports it as one line and exit status 2. `TrainingError`: training had to stop (a non-finite loss);
-nothing of the failed epoch is saved. `Interrupted`: someone stopped a run (Ctrl-C); the command line reports where it
-can resume, with exit status 130.
+command line reports it as one line and exit status 2. `NotAPeftConfigError` is the `InputError` for a JSON file read
+as an adapter config that is no PEFT config (no `peft_type`): a `TypeError` too, as PEFT raises there.
+`TrainingError`: training had to stop (a non-finite loss); nothing of the failed epoch is saved. `Interrupted`:
+someone stopped a run (Ctrl-C); the command line reports where it can resume, with exit status 130.
 
 Example:
-    >>> from surgical_peft.errors import InputError, SurgicalPeftError
+    >>> from surgical_peft.errors import InputError, NotAPeftConfigError, SurgicalPeftError
     >>> issubclass(InputError, SurgicalPeftError) and issubclass(InputError, ValueError)
+    True
+    >>> issubclass(NotAPeftConfigError, InputError) and issubclass(NotAPeftConfigError, TypeError)
     True
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import shlex
 
-__all__ = ["InputError", "Interrupted", "SurgicalPeftError", "TrainingError"]
+__all__ = ["InputError", "Interrupted", "NotAPeftConfigError", "SurgicalPeftError", "TrainingError"]
 
 
 class SurgicalPeftError(Exception):
@@ -25,6 +28,10 @@ class SurgicalPeftError(Exception):
 
 class InputError(SurgicalPeftError, ValueError):
     """Bad input, found before anything was changed; the message names the problem and the valid choices."""
+
+
+class NotAPeftConfigError(InputError, TypeError):
+    """A JSON file read as an adapter config holds no `peft_type`: PEFT's "missing required keys" `TypeError`."""
 
 
 class TrainingError(SurgicalPeftError):

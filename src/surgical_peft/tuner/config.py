@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType, TaskType
@@ -20,7 +21,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, Peft
 from ..blocks.names import AUTO
 from ..blocks.paths import is_under
 from ..criteria import CRITERIA
-from ..errors import InputError
+from ..errors import InputError, NotAPeftConfigError
 from .fingerprint import check_fingerprint_format
 from .serialization import KEY_PREFIX, RECORDED_FIELDS, read_adapter_file
 
@@ -28,7 +29,6 @@ __all__ = ["BIAS_CHOICES", "DELTA_DTYPES", "SurgicalConfig", "read_saved_config"
 
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
 BIAS_CHOICES = ("surgical_only", "all")
-_NO_PEFT_TYPE = "{path} has no peft_type field: PEFT cannot tell which method's adapter it holds."
 
 
 @dataclass
@@ -151,17 +151,32 @@ class SurgicalConfig(PeftConfig):
         """The fields of a saved config, checked: a problem raises an `InputError` that names the file and the field.
         `verify_base` is dropped: only the caller may skip the base check."""
         path = Path(path_json_file)
-        return _surgical_fields(path, _json_object(path))
+        return _surgical_fields(cls, path, _json_object(path))
 
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
     ) -> SurgicalConfig:
         """`PeftConfig.from_pretrained`, checked before `PeftModel.from_pretrained` (which loads the config first)
-        changes the model: the config's fields, and the whole weights file (complete, finite and, for a file sealed by
-        `save_adapter`, its checksum; the fields it records win over an `adapter_config.json` that disagrees)."""
+        changes the model: the config's fields, and the whole weights file where there is one (complete, finite and,
+        for a file sealed by `save_adapter`, its checksum; the fields it records win over an `adapter_config.json` that
+        disagrees). A directory with the config alone (`config.save_pretrained`) reads as a config; loading it as an
+        adapter is refused if the config records the base it was trained on (`check_weights_present`).
+
+        Example:
+            >>> import tempfile
+            >>> directory = tempfile.mkdtemp()
+            >>> SurgicalConfig(block="stage1").save_pretrained(directory)
+            >>> SurgicalConfig.from_pretrained(directory).block
+            'stage1'
+        """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, SurgicalConfig):  # another method's config, read through this class: as PEFT does
+            return config
         weights = _weights_file(Path(pretrained_model_name_or_path), subfolder, kwargs)
+        config._loaded_from = Path(pretrained_model_name_or_path) / (subfolder or "")
+        if weights is None:
+            return config
         saved = read_adapter_file(weights)
         if saved.record is not None:
             config._use_record(saved.record, weights)
@@ -170,6 +185,23 @@ class SurgicalConfig(PeftConfig):
         config._saved_modules = sorted({path.rpartition(".")[0] for path in config._saved_tensors})
         config._loaded_from = weights.parent
         return config
+
+    def check_weights_present(self) -> None:
+        """Raise an `InputError` if this config was read from a directory without its weights file although it
+        records the base an adapter was trained on (so its weights are what it stands for): loading it as an adapter
+        needs them. A config without a `base_fingerprint` (as `config.save_pretrained` writes one) starts a new
+        adapter.
+
+        Example:
+            >>> SurgicalConfig(block="stage1").check_weights_present()  # not read from a file: nothing to miss
+        """
+        if self.loaded_from is None or self.saved_modules is not None or self.base_fingerprint is None:
+            return
+        raise InputError(
+            f"{self.loaded_from} holds no {SAFETENSORS_WEIGHTS_NAME} (nor {WEIGHTS_NAME}): an incomplete adapter (its "
+            "config records the base it was trained on, so it needs its weights). To start a new adapter from this "
+            "config instead, set its base_fingerprint to None."
+        )
 
     def _use_record(self, record: Mapping[str, Any], weights: Path) -> None:
         try:
@@ -193,22 +225,23 @@ class SurgicalConfig(PeftConfig):
         return output
 
 
-def _weights_file(path: Path, subfolder: str | None, kwargs: Mapping[str, Any]) -> Path:
+def _weights_file(path: Path, subfolder: str | None, kwargs: Mapping[str, Any]) -> Path | None:
     """The adapter's weights file: `adapter_model.safetensors` (else PEFT's `adapter_model.bin`, as PEFT falls back
-    to it) in the local directory, or `adapter_model.safetensors` downloaded (cached) from the Hub."""
+    to it) in the local directory, or `adapter_model.safetensors` downloaded (cached) from the Hub; `None` where the
+    directory or the Hub repository holds the config alone."""
     directory = path / (subfolder or "")
     if (directory / CONFIG_NAME).is_file():
-        for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
-            if (directory / name).is_file():
-                return directory / name
-        raise InputError(
-            f"{directory} holds no {SAFETENSORS_WEIGHTS_NAME} (nor {WEIGHTS_NAME}): an incomplete adapter."
+        return next(
+            (directory / name for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if (directory / name).is_file()),
+            None,
         )
     hub_kwargs, _, _ = SurgicalConfig._split_kwargs(dict(kwargs))
     hub_kwargs.pop("subfolder", None)
     try:
         return Path(hf_hub_download(str(path), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs))
-    except Exception as error:  # huggingface_hub raises many types: not found, offline, no such repository
+    except EntryNotFoundError:  # the repository holds the config only
+        return None
+    except Exception as error:  # huggingface_hub raises many types: offline, no such repository
         raise InputError(f"Cannot find {SAFETENSORS_WEIGHTS_NAME} for the adapter {path}: {error}") from error
 
 
@@ -222,11 +255,20 @@ def _json_object(path: Path) -> dict[str, Any]:
     return values
 
 
-def _surgical_fields(path: Path, values: dict[str, Any]) -> dict[str, Any]:
-    """`values`, read from `path`, as a surgical adapter's config fields, checked (naming the file and the field),
-    without `verify_base` (only the caller may skip the base check) and PEFT's runtime-only `runtime_config`."""
+def _no_peft_type(cls: type, path: Path) -> NotAPeftConfigError:
+    """The error for a config file without `peft_type`, in PEFT's words (a `TypeError`) after the file's name."""
+    return NotAPeftConfigError(
+        f"{path}: The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+        "With no peft_type field, PEFT cannot tell which method's adapter it holds."
+    )
+
+
+def _surgical_fields(cls: type, path: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """`values`, read from `path` by the config class `cls`, as a surgical adapter's config fields, checked (naming
+    the file and the field), without `verify_base` (only the caller may skip the base check) and PEFT's runtime-only
+    `runtime_config`."""
     if "peft_type" not in values:
-        raise InputError(_NO_PEFT_TYPE.format(path=path))
+        raise _no_peft_type(cls, path)
     if values["peft_type"] != PeftType.SURGICAL.value:
         raise InputError(f"{path}: peft_type is {values['peft_type']!r:.100}, a surgical adapter's is 'SURGICAL'.")
     if "verify_base" in values:
@@ -243,16 +285,16 @@ def _surgical_fields(path: Path, values: dict[str, Any]) -> dict[str, Any]:
 def read_saved_config(cls: type, path_json_file: str | os.PathLike) -> dict[str, Any] | None:
     """Read an adapter config for PEFT (`tuner._internals.route_config_reads`): a surgical adapter's through
     `SurgicalConfig.from_json_file` whichever PEFT class reads it (so the generic `PeftConfig.from_pretrained` checks
-    its fields and drops `verify_base` too); a file that is no JSON object, or whose `peft_type` is unknown (or missing
-    where PEFT needs it to pick the config class), raises an `InputError` naming the file and the field; any other
-    file is left to PEFT (`None`)."""
+    its fields and drops `verify_base` too); a file that is no JSON object, or whose `peft_type` is unknown, raises an
+    `InputError` naming the file and the field, and one without `peft_type` where PEFT needs it to pick the config
+    class a `NotAPeftConfigError` (PEFT's `TypeError`); any other file is left to PEFT (`None`)."""
     path = Path(path_json_file)
     values = _json_object(path)
     peft_type = values.get("peft_type")
     if peft_type == PeftType.SURGICAL.value:
-        return _surgical_fields(path, values)
+        return _surgical_fields(cls, path, values)
     if peft_type is None and cls is PeftConfig:  # PEFT picks the config class by the type
-        raise InputError(_NO_PEFT_TYPE.format(path=path))
+        raise _no_peft_type(cls, path)
     if peft_type is not None and peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         known = ", ".join(sorted(str(getattr(name, "value", name)) for name in PEFT_TYPE_TO_CONFIG_MAPPING))
         raise InputError(f"{path}: unknown peft_type {peft_type!r:.100}. Valid: {known}.")

@@ -88,6 +88,7 @@ class SurgicalModel(BaseTuner):
         """Resolve `block` names, check the base fingerprint, then let PEFT match `target_modules` (nothing is changed
         in the model before all checks pass)."""
         config: SurgicalConfig = self.peft_config[adapter_name]
+        config.check_weights_present()
         blocks = list_blocks(model)
         current = self._fingerprint(model, blocks, config)
         saved = config.base_fingerprint is not None or config.saved_modules is not None  # weights to come from a file
