@@ -26,9 +26,11 @@ __all__ = [
     "BlockRanking",
     "SurgicalConfig",
     "SurgicalModel",
+    "convert_to_lora",
     "list_blocks",
     "rank_blocks",
     "save_adapter",
+    "save_as_lora",
     "select_blocks",
 ]
 
@@ -37,9 +39,11 @@ _LAZY = {
     "BlockRanking": "selection",
     "SurgicalConfig": "tuner",
     "SurgicalModel": "tuner",
+    "convert_to_lora": "tuner",
     "list_blocks": "blocks",
     "rank_blocks": "selection",
     "save_adapter": "tuner",
+    "save_as_lora": "tuner",
     "select_blocks": "selection",
 }
 

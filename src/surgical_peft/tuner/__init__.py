@@ -2,8 +2,9 @@
 `SurgicalModel` (model.py), with base fingerprints (fingerprint.py) and adapter files (serialization.py). Every
 private PEFT or PyTorch internal they use is in `_internals.py`.
 
-Importing this package registers the `"SURGICAL"` type with PEFT, and has PEFT read a surgical adapter's config
-through `SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it.
+Importing this package registers the `"SURGICAL"` type with PEFT, has PEFT read a surgical adapter's config through
+`SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it, and has
+PEFT's `convert_to_lora`/`save_as_lora` convert surgical adapters with `lora_export.convert_to_lora`.
 
 Example:
     >>> from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -12,16 +13,33 @@ Example:
     'SurgicalConfig'
 """
 
-from ._internals import add_peft_type, quiet_get_peft_model, register_method, route_config_reads
+from ._internals import (
+    add_peft_type,
+    quiet_get_peft_model,
+    register_method,
+    route_config_reads,
+    route_lora_conversion,
+)
 
 SURGICAL = add_peft_type("SURGICAL")  # before the config is defined: its peft_type is a member of the enum
 
 from .config import DELTA_DTYPES, SurgicalConfig, read_saved_config  # noqa: E402
 from .layer import SurgicalLayer  # noqa: E402
+from .lora_export import convert_to_lora, converts_to_lora, save_as_lora  # noqa: E402
 from .model import SurgicalModel  # noqa: E402
 from .serialization import save_adapter  # noqa: E402
 
-__all__ = ["DELTA_DTYPES", "SurgicalConfig", "SurgicalLayer", "SurgicalModel", "quiet_get_peft_model", "save_adapter"]
+__all__ = [
+    "DELTA_DTYPES",
+    "SurgicalConfig",
+    "SurgicalLayer",
+    "SurgicalModel",
+    "convert_to_lora",
+    "quiet_get_peft_model",
+    "save_adapter",
+    "save_as_lora",
+]
 
 register_method(SURGICAL, SurgicalConfig, SurgicalModel)
 route_config_reads(read_saved_config)
+route_lora_conversion(convert_to_lora, converts_to_lora)

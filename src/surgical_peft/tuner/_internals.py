@@ -19,10 +19,12 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import peft
 from aenum import extend_enum
 from peft import get_peft_model
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.tuners.lora import conversion as lora_conversion
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter, _get_in_out_features
 from peft.utils import PeftType, register_peft_method
 from peft.utils.constants import DUMMY_TARGET_MODULES  # a dummy adapter's target_modules: PEFT lets it match none
@@ -40,12 +42,14 @@ __all__ = [
     "add_peft_type",
     "checkpoints_non_reentrant",
     "delete_auxiliary_adapter",
+    "energy_rank",
     "holds_input_require_grads",
     "in_out_features",
     "persistent_buffer_names",
     "quiet_get_peft_model",
     "register_method",
     "route_config_reads",
+    "route_lora_conversion",
     "set_auxiliary_adapter",
 ]
 
@@ -57,6 +61,10 @@ delete_auxiliary_adapter = _delete_auxiliary_adapter
 
 set_auxiliary_adapter = _set_adapter
 """Switches PEFT's `modules_to_save` wrappers to other adapters (`peft.utils.other`)."""
+
+energy_rank = lora_conversion._find_cutoff_index
+"""`energy_rank(singular_values, threshold)`: the smallest rank whose singular values hold `threshold` of the squared
+sum, as PEFT's `convert_to_lora` reads a float rank (`peft.tuners.lora.conversion`)."""
 
 
 def in_out_features(module: nn.Module) -> tuple[int | None, int | None]:
@@ -121,6 +129,35 @@ def route_config_reads(reader: Callable[[type, str | os.PathLike], dict[str, Any
 
     from_json_file.routed_to = reader
     PeftConfig.from_json_file = classmethod(from_json_file)
+
+
+def route_lora_conversion(converter: Callable[..., Any], handles: Callable[[nn.Module], bool]) -> None:
+    """Have PEFT's `convert_to_lora` (also what `peft.save_as_lora` calls) use `converter` for the models that
+    `handles(model)` accepts, and PEFT's own conversion for any other, once.
+
+    PEFT's converter names each LoRA tensor after the path of its tuner layer in the `PeftModel`, which for LoRA's own
+    layers is the path of the module they wrap; a tuner whose layers are kept beside the model needs its own. The names
+    `peft.convert_to_lora`, `peft.tuners.convert_to_lora` and `peft.tuners.lora.convert_to_lora` are replaced; a copy
+    imported before this runs stays PEFT's (`from peft import convert_to_lora` ahead of `import surgical_peft`)."""
+    original = lora_conversion.convert_to_lora
+    if getattr(original, "routed_to", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def convert_to_lora(
+        model: nn.Module,
+        rank: float,
+        adapter_name: str = "default",
+        progressbar: bool = False,
+        compile_kwargs: dict | None = None,
+    ) -> Any:
+        chosen = converter if handles(model) else original
+        return chosen(model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs)
+
+    convert_to_lora.routed_to = converter
+    for module in (lora_conversion, peft, peft.tuners, peft.tuners.lora):
+        if getattr(module, "convert_to_lora", None) is original:
+            module.convert_to_lora = convert_to_lora
 
 
 def quiet_get_peft_model(model: nn.Module, config: Any) -> Any:

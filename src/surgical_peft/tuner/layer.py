@@ -134,6 +134,22 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         """The tuned module (PEFT asks for it, e.g. to move adapter weights to its device; there are none to move)."""
         return self.module
 
+    # PEFT's conversion contract (`peft.convert_to_lora`, routed to `surgical_peft.convert_to_lora`).
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Always: a surgical adapter converts to LoRA (`surgical_peft.convert_to_lora`) as LoRA factors where LoRA's
+        layers can express a module's change, and as a `modules_to_save` copy where they cannot (norms, BatchNorm
+        statistics, a container's tensors)."""
+        return True
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The change `adapter_name` makes to the module's `weight` (tuned - base), in the module's own layout (a
+        transformers `Conv1D`'s is (in, out)), as PEFT's delta-weight layers give it."""
+        if "weight" not in self.tensor_paths:
+            raise InputError(
+                f"This layer tunes {sorted(self.tensor_paths.values())}, no `weight`: it has no delta weight."
+            )
+        return self.delta(adapter_name)["weight"]
+
     def forward(self, *args: object, **kwargs: object) -> None:
         raise RuntimeError("A SurgicalLayer holds bookkeeping only; the tuned module runs inside the model.")
 
