@@ -29,6 +29,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliar
 from peft.utils import PeftType, register_peft_method
 from peft.utils.constants import DUMMY_TARGET_MODULES  # a dummy adapter's target_modules: PEFT lets it match none
 from peft.utils.error import NoMatchingPeftModuleError
+
+# A quantized module's weight in full precision, as PEFT's LoRA merges into quantized layers:
+# `dequantize_module_weight(module)` (bitsandbytes, torchao, HQQ; other weights as they are),
+# `get_bnb_param_type(weight)` ("8bit", "4bit" or False) and `dequantize_bnb_weight(weight, state)`.
+from peft.utils.integrations import dequantize_bnb_weight, dequantize_module_weight, get_bnb_param_type
 from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter
 from torch import nn
 
@@ -42,7 +47,10 @@ __all__ = [
     "add_peft_type",
     "checkpoints_non_reentrant",
     "delete_auxiliary_adapter",
+    "dequantize_bnb_weight",
+    "dequantize_module_weight",
     "energy_rank",
+    "get_bnb_param_type",
     "holds_input_require_grads",
     "in_out_features",
     "persistent_buffer_names",

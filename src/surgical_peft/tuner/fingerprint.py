@@ -1,5 +1,10 @@
 """Fingerprints of base weights, per block: an adapter records the base it was trained on, and loading it onto another
-checkpoint, architecture, shape or dtype is refused with an error that names what differs.
+checkpoint, architecture, shape, dtype or quantization is refused with an error that names what differs.
+
+A quantized base is fingerprinted as it was loaded: its quantized storage (integer data and scales), and which kind it
+is (`"quantized"`, e.g. `["bitsandbytes Int8Params"]`). An adapter tuned on it loads onto the same checkpoint quantized
+the same way; onto the full-precision checkpoint it came from it is refused (its tuned blocks start from the
+dequantized weights, so its deltas are relative to them), unless `verify_base=False`.
 
 Example:
     >>> import torch
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from .quantized import quantization_of
 
 __all__ = ["check_fingerprint", "check_fingerprint_format", "fingerprint", "hash_tensor"]
 
@@ -28,25 +34,35 @@ _FINGERPRINT_DIGEST_CHARS = 16
 
 
 def hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
-    """Feed `name`, the dtype, the shape and the bytes of `tensor` to the hashlib object `digest`."""
+    """Feed `name`, the dtype, the shape and the bytes of `tensor` to the hashlib object `digest` (of each tensor it
+    is made of, for a tensor subclass that holds others, such as torchao's quantized tensors)."""
+    if quantization_of(tensor) and hasattr(tensor, "__tensor_flatten__"):
+        for inner in tensor.__tensor_flatten__()[0]:
+            hash_tensor(digest, f"{name}.{inner}", getattr(tensor, inner))
+        return
     tensor = tensor.detach().to("cpu").contiguous()
     digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def fingerprint(model_name: str, block_tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, Any]:
-    """Per-block sha256 (shortened) of the base tensors, with the floating dtypes they are stored in:
-    `{"model": class name, "dtypes": [...], "blocks": {block: hex}}`."""
+    """Per-block sha256 (shortened) of the base tensors, with the floating dtypes they are stored in and, for a
+    quantized base, its kinds of quantized storage: `{"model": class name, "dtypes": [...], "blocks": {block: hex}}`,
+    plus `"quantized": [...]` where there are any."""
     blocks = {}
-    dtypes = set()
+    dtypes, quantized = set(), set()
     for block, tensors in block_tensors.items():
         digest = hashlib.sha256()
         for name in sorted(tensors):
             hash_tensor(digest, name, tensors[name])
             if tensors[name].is_floating_point():
                 dtypes.add(str(tensors[name].dtype).removeprefix("torch."))
+            quantized.add(quantization_of(tensors[name]))
         blocks[block] = digest.hexdigest()[:_FINGERPRINT_DIGEST_CHARS]
-    return {"model": model_name, "dtypes": sorted(dtypes), "blocks": blocks}
+    quantized.discard(None)
+    return {"model": model_name, "dtypes": sorted(dtypes), "blocks": blocks} | (
+        {"quantized": sorted(quantized)} if quantized else {}
+    )
 
 
 def check_fingerprint_format(value: Any) -> None:
@@ -58,16 +74,18 @@ def check_fingerprint_format(value: Any) -> None:
         ...
         surgical_peft.errors.InputError: base_fingerprint must be ... got 'garbage'.
     """
-    expected = '{"model": <class name>, "dtypes": [<dtype>, ...], "blocks": {<block>: <hex digest>, ...}}'
+    expected = (
+        '{"model": <class name>, "dtypes": [<dtype>, ...], "blocks": {<block>: <hex digest>, ...}} (and '
+        '"quantized": [<storage>, ...] for a quantized base)'
+    )
     blocks = value.get("blocks") if isinstance(value, dict) else None
-    dtypes = value.get("dtypes", []) if isinstance(value, dict) else None
+    lists = [value.get(key, []) for key in ("dtypes", "quantized")] if isinstance(value, dict) else [None]
     if not (
         isinstance(value, dict)
         and isinstance(value.get("model"), str)
         and isinstance(blocks, dict)
         and all(isinstance(name, str) and isinstance(digest, str) for name, digest in blocks.items())
-        and isinstance(dtypes, list)
-        and all(isinstance(dtype, str) for dtype in dtypes)
+        and all(isinstance(items, list) and all(isinstance(item, str) for item in items) for items in lists)
     ):
         raise InputError(f"base_fingerprint must be {expected}, got {value!r:.200}.")
 
@@ -88,6 +106,7 @@ def check_fingerprint(recorded: Mapping[str, Any], current: Mapping[str, Any]) -
             f"This adapter was trained on a base with blocks {list(recorded_blocks)}, but this model's blocks are "
             f"{list(current_blocks)}. {override}"
         )
+    _check_quantization(recorded.get("quantized", []), current.get("quantized", []), override)
     differing = [block for block in current_blocks if recorded_blocks[block] != current_blocks[block]]
     if differing and "dtypes" in recorded and recorded["dtypes"] != current["dtypes"]:
         raise InputError(
@@ -100,3 +119,25 @@ def check_fingerprint(recorded: Mapping[str, Any], current: Mapping[str, Any]) -
             f"This adapter was trained on different base weights: block(s) {', '.join(differing)} differ from the "
             f"base it was created on (another checkpoint?). {override}"
         )
+
+
+def _check_quantization(recorded: list[str], current: list[str], override: str) -> None:
+    """An `InputError` naming both when the base an adapter was tuned on and this one are not quantized alike."""
+    if recorded == current:
+        return
+    if recorded:
+        raise InputError(
+            f"This adapter was tuned on a quantized base ({', '.join(recorded)}; its tuned blocks started from their "
+            f"dequantized weights), but this model is {_described(current)}. Load the base quantized the same way "
+            "(the quantization_config it was tuned with), or load it anyway: its deltas then apply to this model's "
+            f"weights, which differ from the dequantized ones by the quantization error. {override}"
+        )
+    raise InputError(
+        f"This adapter was tuned on a full-precision base, but this model is {_described(current)}. Load the base "
+        f"without quantization, or load it anyway: its tuned blocks then start from the dequantized weights, which "
+        f"differ from the full-precision ones by the quantization error. {override}"
+    )
+
+
+def _described(quantized: list[str]) -> str:
+    return f"quantized with {', '.join(quantized)}" if quantized else "not quantized"

@@ -28,6 +28,7 @@ from .config import SurgicalConfig
 from .fingerprint import check_fingerprint, fingerprint
 from .layer import SurgicalLayer, owned_tensors
 from .precision import Upcasts
+from .quantized import FullPrecisionBlocks
 from .serialization import KEY_PREFIX, check_delta_state_dict, check_finite
 from .targets import bias_targets, owns_loose_tensors, targets_saved_in_full, tensor_targets
 
@@ -73,6 +74,7 @@ class SurgicalModel(BaseTuner):
         self._adapter_modules: dict[str, list[str]] = {}  # adapter -> paths of the modules it tunes
         self._adapter_targets: dict[str, list[str]] = {}  # adapter -> the module paths PEFT matched (outermost)
         self._upcasts = Upcasts()  # autocast adapters' targets on a half-precision model (`_cast_adapter_dtype`)
+        self._full_precision = FullPrecisionBlocks()  # the tuned blocks' quantized modules, replaced to train
         self._pending_targets: list[str] = []
         self._adapters_enabled = True
         self._base_fingerprint: dict[str, Any] | None = None
@@ -172,6 +174,7 @@ class SurgicalModel(BaseTuner):
             pending = [path for path in pending if path in config.target_modules]
         targets = [path for path in pending if not is_under(path, [other for other in pending if other != path])]
         self._adapter_targets[adapter_name] = targets
+        self._full_precision.replace(model, targets)
         owners = self._adapter_modules[adapter_name]
         for target in targets:
             for name, module in model.get_submodule(target).named_modules(prefix=target):
@@ -246,13 +249,13 @@ class SurgicalModel(BaseTuner):
             return self._base_fingerprint
         wrappers = [f"{name}." for name, _ in self._auxiliary_modules()]
         base = {}
-        for path, tensor in model.state_dict(keep_vars=True).items():
+        for path, tensor in self._full_precision.as_loaded(model.state_dict(keep_vars=True)).items():
             wrapper = next((prefix for prefix in wrappers if path.startswith(prefix)), None)
             if wrapper is not None:  # a modules_to_save wrapper: the original module is the base, not the copies
                 if not path.startswith(f"{wrapper}original_module."):
                     continue
                 path = wrapper + path.removeprefix(f"{wrapper}original_module.")
-            base[path] = self._base_tensor(path, tensor)
+            base[path] = tensor if self._full_precision.holds(path) else self._base_tensor(path, tensor)
         block_tensors: dict[str, dict[str, torch.Tensor]] = {block: {} for block in blocks}
         for path, tensor in base.items():
             block = blocks.block_of(path)
@@ -503,6 +506,9 @@ class SurgicalModel(BaseTuner):
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
                 del self.surgical_layers[to_key(path)]
+        self._full_precision.restore(
+            self.model, keep=[path for paths in self._adapter_targets.values() for path in paths]
+        )
         remaining = [name for name in self.active_adapters if name != adapter_name]
         self.active_adapter = remaining or list(self.peft_config)[:1]
         self._activate(self.active_adapters)
@@ -612,6 +618,10 @@ class SurgicalModel(BaseTuner):
                 else module.original_module
             )
             setattr(self.model.get_submodule(parent), name, unwrapped)
+        if merge:  # the tuned weights stay in full precision
+            self._full_precision.forget()
+        else:
+            self._full_precision.restore(self.model)
         for name in list(self._adapter_targets):
             self._upcasts.remove(name)
         self._upcasts.apply([])  # (merged weights rounded to the model's dtype, as PEFT merges)
