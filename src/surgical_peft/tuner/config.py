@@ -33,7 +33,7 @@ BIAS_CHOICES = ("surgical_only", "all")
 
 @dataclass
 class SurgicalConfig(PeftConfig):
-    """Configuration of a surgical fine-tuning adapter (Lee et al., ICLR 2023).
+    """Configuration of a surgical fine-tuning adapter (Lee et al., ICLR 2023: https://huggingface.co/papers/2210.11466).
 
     Surgical fine-tuning trains one small contiguous block of a pretrained model and freezes the rest. The adapter
     saved by `save_pretrained` holds only the tuned block's deltas (tuned minus base weights, plus its BatchNorm
