@@ -204,7 +204,7 @@ def test_peft_s_prepare_model_for_kbit_training_composes(
     backend: str, load: Callable[..., nn.Module], train: Callable[..., None], logits_of: Callable[..., torch.Tensor]
 ) -> None:
     model = prepare_model_for_kbit_training(load(backend))  # (it freezes everything, enables checkpointing)
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     peft_model = tuned(model, train)
     trainable = {name.partition(".tuned.")[0] for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("vit/layers/1/" in name for name in trainable)
