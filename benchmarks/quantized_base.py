@@ -7,12 +7,13 @@ weight-only (`TorchAoConfig(Int8WeightOnlyConfig())`; for transformers' ResNet, 
 `get_peft_model(model, SurgicalConfig(block=...))`: the tuned block trains in float32, the rest stays quantized.
 
 - Memory and time: a ViT-B/16 shape (`ViTConfig()`, block `layer12`) and a ResNet-50 shape (`ResNetConfig()`, block
-  `stage4`), random weights saved once with `save_pretrained`, batch 8 at 224x224, AdamW. Peak memory: in a fresh
-  process per configuration, the peak RSS from loading the model to the end of two training steps, above what the
-  process held before loading (so the base's own weights count, which is what quantization saves), with the bytes
-  of the loaded model's tensors beside it. Step time: the configurations of an architecture in one process, one step
-  of each in turn, the median step and the median of the per-round ratios to float32 (so that other load on the
-  machine cancels).
+  `stage4`), random weights saved once with `save_pretrained`, batch 8 at 224x224, AdamW. Memory: in a fresh
+  process per configuration, above what the process held before loading (so the base's own weights count, which is
+  what quantization saves): the peak RSS while loading and setting up the adapter, the RSS held then once the
+  memory-mapped checkpoint's pages are given back (`page_out`), and the peak RSS over two training steps (in which a
+  float32 model reads its weights back); with the bytes of the loaded model's tensors beside them. Step time: the
+  configurations of an architecture in one process, one step of each in turn, the median step and the median of the
+  per-round ratios to float32 (so that other load on the machine cancels).
 - Accuracy: the demo's target (digits under contrast at severity 5, 150 labelled images, learning rate picked on 100
   more from the demo's grid, tested on 649): the demo's ResNet tuned at `stage1`, and the small ViT of
   `benchmarks/lora_export.py` tuned at `layer1`, on each base; and the adapter tuned on the quantized base loaded onto
@@ -28,6 +29,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
 import statistics
@@ -60,6 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = {"vit_b16": "layer12", "resnet50": "stage4"}
 QUICK_BLOCK = {"vit_b16": "layer4", "resnet50": "stage4"}  # (the tiny ViT has 4 layers)
 BATCH_SIZE, MEMORY_STEPS, WARMUP, ROUNDS = 8, 2, 1, 5
+_MADV_PAGEOUT = 21  # Linux 5.4+
 
 
 def _torchao_int8() -> Any:
@@ -115,17 +118,39 @@ class Trainee:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def peak_memory(path: Path, base: str, block: str, quick: bool) -> tuple[int, int]:
-    """(peak bytes from loading to the end of the steps, above the process before loading; the loaded tensors'
-    bytes), in this process (call in a fresh one)."""
+def page_out(directory: Path) -> None:
+    """Ask Linux to reclaim this process's pages of the checkpoint files in `directory` (`MADV_PAGEOUT`).
+
+    transformers memory-maps the checkpoint, and after a quantized load the mapping stays (some full-precision tensors
+    still view it) with every page read while quantizing still resident, though no longer needed: RSS then counts the
+    whole float32 file. Paged out, what the model still reads comes back when it is read (a float32 model's weights,
+    at the first step) and counts again."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with open("/proc/self/maps") as maps:
+        ranges = [line.split()[0] for line in maps if str(directory) in line]
+    for address_range in ranges:
+        start, end = (int(address, 16) for address in address_range.split("-"))
+        libc.madvise(start, end - start, _MADV_PAGEOUT)
+
+
+def peak_memory(path: Path, base: str, block: str, quick: bool) -> tuple[int, int, int, int]:
+    """(the loaded tensors' bytes, and above what this process held before loading: the peak while loading and
+    setting up the adapter, the memory held then once the checkpoint's pages are paged out (`page_out`), the peak
+    over the training steps), in this process (call in a fresh one). Loading a quantized model reads the
+    full-precision weights first, so its peak while loading is at least the full-precision model's."""
     memory = Memory(torch.device("cpu"))
     batches = make_batches(MEMORY_STEPS, quick, torch.device("cpu"), BATCH_SIZE)
     memory.reset()
+    before = memory.baseline
     trainee = Trainee(path, base, block)
-    loaded = tensor_bytes(trainee.model.base_model.model)
+    loading = memory.peak()
+    page_out(path)
+    memory.reset()  # the peak starts again from here
+    held = memory.baseline - before
     for batch in batches:
         trainee.step(batch)
-    return memory.peak(), loaded
+    return tensor_bytes(trainee.model.base_model.model), loading, held, held + memory.peak()
 
 
 def step_times(path: Path, block: str, quick: bool) -> dict[str, list[float]]:
@@ -144,6 +169,16 @@ def step_times(path: Path, block: str, quick: bool) -> dict[str, list[float]]:
     return wall
 
 
+def save_random_model(arch: str, quick: bool, path: Path) -> bool:
+    """Save `efficiency.build_model(arch)` (random weights) at `path`."""
+    build_model(arch, quick, torch.device("cpu")).save_pretrained(path)
+    return True
+
+
+def _mb(count: int) -> str:
+    return f"{count / 2**20:,.1f} MB"
+
+
 def _paired(values: list[float], reference: list[float]) -> float:
     return statistics.median(value / other for value, other in zip(values, reference, strict=True))
 
@@ -155,17 +190,18 @@ def efficiency_section(arch: str, path: Path, quick: bool) -> list[str]:
         for base in tqdm(BASES, desc=f"{arch}: memory, one process each")
     }
     times = in_fresh_process(2, torch.device("cpu"), step_times, path, block, quick)
-    reference_peak, reference_times = memory["float32"][0], times["float32"]
+    reference_peak, reference_times = memory["float32"][3], times["float32"]
     lines = [
         f"### {ARCHS[arch]}, block `{block}`",
         "",
-        "| base | loaded tensors | peak memory (/ float32) | step s | step / float32 |",
-        "|---|---:|---:|---:|---:|",
+        "| base | loaded tensors | peak while loading | held once set up | peak while training (/ float32) | step s "
+        "| step / float32 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for base in BASES:
-        peak, loaded = memory[base]
+        loaded, loading, held, peak = memory[base]
         lines.append(
-            f"| {base} | {loaded / 2**20:,.1f} MB | {peak / 2**20:,.1f} MB ({peak / reference_peak:.2f}) "
+            f"| {base} | {_mb(loaded)} | {_mb(loading)} | {_mb(held)} | {_mb(peak)} ({peak / reference_peak:.2f}) "
             f"| {statistics.median(times[base]):.2f} | {_paired(times[base], reference_times):.2f} |"
         )
     return [*lines, ""]
@@ -211,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         for arch in ("vit_b16", "resnet50"):
-            build_model(arch, args.quick, torch.device("cpu")).save_pretrained(work / arch)
+            # (saved in a process of its own too: a fork after this process had run threads could hang)
+            in_fresh_process(2, torch.device("cpu"), save_random_model, arch, args.quick, work / arch)
             sections += efficiency_section(arch, work / arch, args.quick)
             loads.append(os.getloadavg()[0])
         torch.set_num_threads(1)  # the demo's tiny tensors, as the demo runs them
