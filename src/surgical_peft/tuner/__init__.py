@@ -3,7 +3,8 @@
 private PEFT or PyTorch internal they use is in `_internals.py`.
 
 Importing this package registers the `"SURGICAL"` type with PEFT, and has PEFT read a surgical adapter's config
-through `SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it.
+through `SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it,
+and keeps `torch.compile(peft_model)` from recompiling on `set_adapter` (`surgical_peft.serving.compile`).
 
 Example:
     >>> from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -12,6 +13,7 @@ Example:
     'SurgicalConfig'
 """
 
+from ..serving.compile import compile_across_switches
 from ._internals import add_peft_type, quiet_get_peft_model, register_method, route_config_reads
 
 SURGICAL = add_peft_type("SURGICAL")  # before the config is defined: its peft_type is a member of the enum
@@ -25,3 +27,4 @@ __all__ = ["DELTA_DTYPES", "SurgicalConfig", "SurgicalLayer", "SurgicalModel", "
 
 register_method(SURGICAL, SurgicalConfig, SurgicalModel)
 route_config_reads(read_saved_config)
+compile_across_switches(SurgicalModel)
