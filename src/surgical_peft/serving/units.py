@@ -166,42 +166,47 @@ def find_units(tuner: SurgicalModel, names: Sequence[str]) -> list[Unit]:
         id(tensor): (number, name) for number, layer in enumerate(layers) for name, tensor in layer.tensors().items()
     }
     modules = dict(tuner.model.named_modules())
-    owners = [
-        path
-        for path, module in modules.items()
-        if any(id(tensor) in sources for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
-    ]
-    wrappers = [path for path, module in modules.items() if isinstance(module, ModulesToSaveWrapper)]
-    adapters = {name for name in names if name != BASE} | {name for layer in layers for name in layer.loaded}
-    targets = [path for name in adapters for path in tuner.adapter_targets(name) if path in modules]
-    blocks = [path for path in _outermost(targets) if any(is_under(owner, [path]) for owner in owners)]
-    units = []
-    for path in [path for path in modules if path in {*blocks, *owners, *wrappers}]:
-        units.append(_unit(modules[path], path, path in blocks, layers, sources))
-    return units
-
-
-def _unit(
-    module: nn.Module, path: str, block: bool, layers: list[SurgicalLayer], sources: dict[int, tuple[int, str]]
-) -> Unit:
-    """The unit of `module` (at `path`): the tuned tensors and wrappers inside it."""
-    found = [
-        (name, *sources[id(tensor)])
-        for name, tensor in [
-            *module.named_parameters(remove_duplicate=False),
-            *module.named_buffers(remove_duplicate=False),
+    tuned = [  # every name of every tensor to run with other weights (a tied one under each of its names)
+        (path, *sources[id(tensor)])
+        for path, tensor in [
+            *tuner.model.named_parameters(remove_duplicate=False),
+            *tuner.model.named_buffers(remove_duplicate=False),
         ]
         if id(tensor) in sources
     ]
+    owners = list(dict.fromkeys(path.rpartition(".")[0] for path, _, _ in tuned))
+    wrappers = [path for path, module in modules.items() if isinstance(module, ModulesToSaveWrapper)]
+    adapters = {name for name in names if name != BASE} | {name for layer in layers for name in layer.loaded}
+    targets = [path for name in adapters for path in tuner.adapter_targets(name) if path in modules]
+    blocks = [path for path in _outermost(targets) if _is_under_any(owners, path)]
+    chosen = {*blocks, *owners, *wrappers}
+    return [_unit(modules, path, path in blocks, layers, tuned, wrappers) for path in modules if path in chosen]
+
+
+def _is_under_any(paths: Iterable[str], prefix: str) -> bool:
+    """Whether one of `paths` lies in `prefix` (or is it)."""
+    return any(is_under(path, [prefix]) for path in paths)
+
+
+def _unit(
+    modules: dict[str, nn.Module],
+    path: str,
+    block: bool,
+    layers: list[SurgicalLayer],
+    tuned: list[tuple[str, int, str]],
+    wrappers: list[str],
+) -> Unit:
+    """The unit of the module at `path`: the tuned tensors (`tuned`: path in the model, layer number, tensor name)
+    and the wrappers (of `wrappers`, paths) inside it."""
+    start = len(path) + 1 if path else 0
+    found = [(name[start:], number, tensor_name) for name, number, tensor_name in tuned if is_under(name, [path])]
     numbers = sorted({number for _, number, _ in found})
     renumber = {number: position for position, number in enumerate(numbers)}
     return Unit(
-        module=module,
+        module=modules[path],
         path=path,
         block=block,
         layers=tuple(layers[number] for number in numbers),
         tensors=tuple((name, renumber[number], tensor_name) for name, number, tensor_name in found),
-        wrappers=tuple(
-            (name, child) for name, child in module.named_modules() if isinstance(child, ModulesToSaveWrapper)
-        ),
+        wrappers=tuple((name[start:], modules[name]) for name in wrappers if is_under(name, [path])),
     )
