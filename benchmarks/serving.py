@@ -17,8 +17,11 @@ item 6):
 - (d) with `torch.compile` (inductor): one adapter's batch, a mixed batch over 4 adapters, and the number of graphs
   compiled while switching among 4 adapters on one block, against eager.
 
-Timings are medians over `--repeats` rounds; within a round the compared functions run in turn (the order rotating),
-so that other load on the machine slows them alike. Each table row is a ratio of times measured side by side.
+On the CPU, times are the process's CPU time (`time.process_time`, both threads), not wall time: on a machine shared
+with other jobs, wall time measured mostly how long other jobs held the cores (a forward pass took from 0.5 to 4 s),
+while CPU time counts only the work done. On CUDA they are wall time, synchronised. Each is the fastest of `--repeats`
+rounds; within a round the compared functions run in turn, the order rotating. Each ratio is of times measured side
+by side.
 
 Usage:
     python benchmarks/serving.py                  # the CPU run (writes benchmarks/results/serving_cpu.md)
@@ -32,7 +35,6 @@ import argparse
 import contextlib
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -102,7 +104,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_side_by_side(functions: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each function, one warm-up call each, then `repeats` rounds with the order rotating."""
+    """The fastest time of each function in seconds (CPU time on the CPU, wall time on CUDA): one warm-up call each,
+    then `repeats` rounds, the order rotating."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     names = list(functions)
     for name in names:
         functions[name]()
@@ -111,11 +115,11 @@ def time_side_by_side(functions: dict[str, Callable[[], Any]], repeats: int, dev
         shift = round_number % len(names)
         for name in names[shift:] + names[:shift]:
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             functions[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            times[name].append(clock() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def count_flops(model: nn.Module, pixel_values: torch.Tensor, stop_at: nn.Module | None = None) -> int:
@@ -341,7 +345,8 @@ def report(sections: dict[str, Any], args: argparse.Namespace, device: torch.dev
         f"`{' '.join(['python benchmarks/serving.py', *sys.argv[1:]])}`",
         f"on {_machine(device)}, surgical-peft {surgical_peft.__version__}; load average (1/5/15 min) before: "
         f"{loads[0]}, after: {loads[1]} (other jobs shared the machine). Images {args.image_size}x{args.image_size}, "
-        f"eval mode, no gradients, random deltas; medians of {args.repeats} rounds run side by side.",
+        f"eval mode, no gradients, random deltas; {'CPU' if device.type == 'cpu' else 'wall'} time, the fastest of "
+        f"{args.repeats} rounds run side by side.",
         "",
         f"## (a) fan_out: one batch of {args.fan_out_batch} through K adapters of one block",
         "",
@@ -388,7 +393,7 @@ def report(sections: dict[str, Any], args: argparse.Namespace, device: torch.dev
             *_table(
                 [
                     "model",
-                    "first call",
+                    "first call (wall)",
                     "recompiled",
                     "eager",
                     "compiled",
