@@ -334,9 +334,8 @@ def _load() -> str:
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (
-        f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    threads = f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, {threads}"
 
 
 def report(sections: dict[str, Any], args: argparse.Namespace, device: torch.device, loads: list[str]) -> str:
