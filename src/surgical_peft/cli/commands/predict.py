@@ -17,8 +17,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ...argparser import add_dataclass_arguments, whole_number
 from ...errors import InputError
-from ..options import MODEL_HELP, add_cache_dir_option, add_dataset_options, whole_number
+from ..arguments import MODEL_HELP, DataArguments, ModelArguments
 
 __all__ = ["COMMAND"]
 
@@ -61,18 +62,23 @@ class Predict:
         )
         parser.add_argument("--output", required=True, type=Path, help="the CSV file to write")
         parser.add_argument("--batch-size", type=whole_number(1), default=32, help="images per batch")
-        add_dataset_options(parser)
-        add_cache_dir_option(parser)
+        reading = ("split", "image_column", "label_column", "skip_unreadable_images", "image_size")
+        add_dataclass_arguments(parser, DataArguments, include=reading)
+        add_dataclass_arguments(parser, ModelArguments, include=("cache_dir",))
 
     def run(self, args: argparse.Namespace) -> None:
+        from ..target import image_size_for
+
         _check_output(args.output)
         if len(set(args.adapter)) < len(args.adapter):
             raise InputError(f"--adapter names the same adapter more than once: {args.adapter}.")
         images = _load_images(args)
-        model, processor_of = _load_model_and_adapters(args)
+        model, loaded = _load_model_and_adapters(args)
         names = [f"adapter{index}" for index in range(1, len(args.adapter) + 1)]
         id2label = model.base_model.model.config.id2label
-        rows = _predict(model, names, images, processor_of, args.batch_size, id2label)
+        image_size = image_size_for(loaded, images, args.image_size)
+        processed = loaded.preprocess(images.select_columns(["image", "label"]), image_size)
+        rows = _predict(model, names, images, processed, args.batch_size, id2label)
         sources = dict(zip(names, args.adapter, strict=True))
         _write_csv(args.output, [{**row, "adapter": sources[row["adapter"]]} for row in rows])
         _print_accuracy(rows, names, sources, list(id2label.values()))
@@ -141,7 +147,8 @@ def _load_images(args: argparse.Namespace) -> Any:
 
 
 def _load_model_and_adapters(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The model with every adapter (`adapter1`, `adapter2`, ...), in eval mode, and its `preprocess`."""
+    """The model with every adapter (`adapter1`, `adapter2`, ...), in eval mode, and the `LoadedModel` it came
+    from."""
     from peft import PeftModel
 
     from ..models import load_model
@@ -163,19 +170,19 @@ def _load_model_and_adapters(args: argparse.Namespace) -> tuple[Any, Any]:
                     model.load_adapter(source, adapter_name=f"adapter{index}")
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise InputError(f"Cannot load adapter {source!r} onto {args.model}: {error}") from error
-    return model.eval(), loaded.preprocess
+    return model.eval(), loaded
 
 
 def _predict(
-    model: Any, names: list[str], images: Any, processor_of: Any, batch_size: int, id2label: dict[int, str]
+    model: Any, names: list[str], images: Any, processed: Any, batch_size: int, id2label: dict[int, str]
 ) -> list[dict[str, Any]]:
-    """One row per image and adapter: the predicted label, its probability and the true label (`None` if unknown)."""
+    """One row per image and adapter: the predicted label, its probability and the true label (`None` if unknown);
+    `processed` is `images` as the model's inputs."""
     import torch
 
     from ...serving.fan_out import fan_out
 
     labels = images.features["label"]
-    processed = processor_of(images.select_columns(["image", "label"]))
     ids = images["id"]
     rows = []
     for start in range(0, images.num_rows, batch_size):
@@ -221,7 +228,7 @@ def _print_accuracy(
     truths = {row["true_label"] for row in rows if row["true_label"] is not None}
     if not truths:
         return
-    if not truths & set(model_labels):
+    if not {_key(name) for name in truths} & {_key(name) for name in model_labels}:
         print(
             f"Accuracy: not measured: the model's labels ({', '.join(model_labels[:5])}, ...) name none of the "
             f"data's ({', '.join(sorted(truths)[:5])}, ...)."
@@ -229,8 +236,13 @@ def _print_accuracy(
         return
     for name in names:
         own = [row for row in rows if row["adapter"] == name and row["true_label"] is not None]
-        correct = sum(row["predicted_label"] == row["true_label"] for row in own)
+        correct = sum(_key(row["predicted_label"]) == _key(row["true_label"]) for row in own)
         print(f"{sources[name]}: accuracy {correct / len(own):.1%} ({correct}/{len(own)})")
+
+
+def _key(name: str) -> str:
+    """A label name as names are compared (in lower case, as `surgical_peft.labels` compares them)."""
+    return str(name).lower()
 
 
 COMMAND = Predict()
