@@ -13,6 +13,14 @@ Example:
     >>> model = get_peft_model(base, surgical_peft.SurgicalConfig(block="stage1"))
     >>> model.print_trainable_parameters()
     trainable params: 92 || all params: 1,766 || trainable%: 5.2095
+
+One input through several adapters, the frozen layers before their blocks computed once (`surgical_peft.serving`):
+
+    >>> import torch
+    >>> model.add_adapter("head", surgical_peft.SurgicalConfig(block="head"))
+    >>> outputs = surgical_peft.fan_out(model.eval(), ["default", "head"], pixel_values=torch.randn(2, 3, 32, 32))
+    >>> {name: tuple(output.logits.shape) for name, output in outputs.items()}
+    {'default': (2, 2), 'head': (2, 2)}
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ __all__ = [
     "SurgicalConfig",
     "SurgicalModel",
     "convert_to_lora",
+    "fan_out",
     "list_blocks",
     "rank_blocks",
     "save_adapter",
@@ -40,6 +49,7 @@ _LAZY = {
     "SurgicalConfig": "tuner",
     "SurgicalModel": "tuner",
     "convert_to_lora": "tuner",
+    "fan_out": "serving.fan_out",
     "list_blocks": "blocks",
     "rank_blocks": "selection",
     "save_adapter": "tuner",

@@ -1,8 +1,9 @@
-"""The `surgical-peft` command line: list a model's blocks, rank them on target data, train, run the demo.
+"""The `surgical-peft` command line: list a model's blocks, rank them on target data, train, predict, run the demo.
 
     surgical-peft blocks MODEL
     surgical-peft rank MODEL DATA [--criterion rgn|snr|sweep] [--shift SHIFT] [--plot ranking.png]
     surgical-peft train ...
+    surgical-peft predict --model MODEL --adapter ADAPTER [--adapter ADAPTER ...] DATA --output predictions.csv
     surgical-peft demo
 
 `surgical-peft COMMAND --help` describes each command (`surgical_peft.cli.commands`). Bad input prints a message (no
@@ -44,6 +45,7 @@ examples:
   surgical-peft blocks microsoft/resnet-18
   surgical-peft rank demo-resnet digits --shift contrast --plot ranking.png
   surgical-peft train --help
+  surgical-peft predict --model demo-resnet --adapter ADAPTER_DIR digits --output predictions.csv
   surgical-peft demo
 
 Run 'surgical-peft COMMAND --help' for the options of a command."""

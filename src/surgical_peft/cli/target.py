@@ -38,7 +38,7 @@ from ..labels import LabelMap, match_labels
 from .arguments import RunArguments, is_builtin_demo
 from .models import ImageSize, LoadedModel, load_model, model_labels
 
-__all__ = ["Target", "load_target"]
+__all__ = ["Target", "image_size_for", "load_target"]
 
 _PRIVATE_STRATEGY = "dp-linear-probe"  # the strategy that fits a PCA basis on public data
 _LARGEST_OWN_SIZE = 224  # the images' own size is used up to this side; larger ones are resized down to it
@@ -135,6 +135,14 @@ def _images_size(dataset: datasets.Dataset) -> ImageSize:
     return ImageSize(side, "the images' own; the model names none")
 
 
+def image_size_for(loaded: LoadedModel, dataset: datasets.Dataset, requested: int | None = None) -> ImageSize:
+    """The side the images of `dataset` are resized to for `loaded`: `requested` (`--image-size`), else the one the
+    model asks for (`LoadedModel.input_size`), else the images' own, at most 224."""
+    if requested:
+        return ImageSize(requested, "--image-size")
+    return loaded.input_size() or _images_size(dataset)
+
+
 def _public_data(run: RunArguments, source: datasets.Dataset | None) -> datasets.Dataset | None:
     """The public images a private run fits its PCA basis on: `--public-dataset`, else the built-in digits' source
     half (clean digits, what the built-in model was pretrained on); `None` when no PCA is asked for."""
@@ -203,8 +211,7 @@ def load_target(run: RunArguments, *, use: str = "training", keep_head: bool = F
         reason = _split_reason(run)
         splits = _cut(run, dataset, reason)
         counts = {name: split.num_rows for name, split in splits.items()}
-        image_size = ImageSize(data.image_size, "--image-size") if data.image_size else None
-        image_size = image_size or loaded.input_size() or _images_size(dataset)
+        image_size = image_size_for(loaded, dataset, data.image_size)
         raw = {name: splits.get(name) for name in ("train", "eval", "unlabeled")}
         raw["public"] = _public_data(run, splits.get("source"))
         prepared = {

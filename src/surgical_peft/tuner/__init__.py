@@ -3,8 +3,9 @@
 private PEFT or PyTorch internal they use is in `_internals.py`.
 
 Importing this package registers the `"SURGICAL"` type with PEFT, has PEFT read a surgical adapter's config through
-`SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it, and has
-PEFT's `convert_to_lora`/`save_as_lora` convert surgical adapters with `lora_export.convert_to_lora`.
+`SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it, has
+PEFT's `convert_to_lora`/`save_as_lora` convert surgical adapters with `lora_export.convert_to_lora`, and keeps
+`torch.compile(peft_model)` from recompiling on `set_adapter` (`surgical_peft.serving.compile`).
 
 Example:
     >>> from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -13,6 +14,7 @@ Example:
     'SurgicalConfig'
 """
 
+from ..serving.compile import compile_across_switches
 from ._internals import (
     add_peft_type,
     quiet_get_peft_model,
@@ -43,3 +45,4 @@ __all__ = [
 register_method(SURGICAL, SurgicalConfig, SurgicalModel)
 route_config_reads(read_saved_config)
 route_lora_conversion(convert_to_lora, converts_to_lora)
+compile_across_switches(SurgicalModel)

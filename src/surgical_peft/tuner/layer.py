@@ -169,6 +169,29 @@ class SurgicalLayer(nn.Module, BaseTunerLayer):
         """This layer's entries of an adapter `state_dict` (keyed as in the adapter file), by tensor name."""
         return {name: state_dict[key] for name, key in self.file_keys.items()}
 
+    def weights(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors the module holds under `adapter_name` (`None`: the base), by tensor name, without loading it:
+        the live tensors where that adapter alone is loaded, else its stashed copy or the base snapshot (both on the
+        CPU). For running several adapters side by side (`surgical_peft.serving`); read-only.
+
+        Example:
+            >>> linear = torch.nn.Linear(1, 1)
+            >>> layer = SurgicalLayer(linear)
+            >>> layer.add_adapter("a")
+            >>> layer.set_delta("a", {"weight": torch.ones(1, 1), "bias": torch.zeros(1)})
+            >>> bool(layer.weights("a")["weight"] == layer.weights()["weight"] + 1), layer.loaded
+            (True, ())
+        """
+        if adapter_name is None:
+            return dict(self.base)
+        if adapter_name not in self.adapters:
+            raise InputError(
+                f"Adapter {adapter_name!r} does not tune this module (its adapters: {sorted(self.adapters)})."
+            )
+        if (adapter_name,) == self.loaded:
+            return self.tensors()
+        return dict(self.stashed.get(adapter_name, self.base))
+
     def add_adapter(self, adapter_name: str) -> None:
         """Register an adapter with a zero delta."""
         self.adapters.add(adapter_name)

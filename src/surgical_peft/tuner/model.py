@@ -421,9 +421,28 @@ class SurgicalModel(BaseTuner):
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """PEFT enters this around every forward pass of an enabled adapter: there gradient checkpointing is made to
-        spare the frozen prefix (`checkpointing.compose`), once PEFT's `get_peft_model` has set it up."""
+        spare the frozen prefix (`checkpointing.compose`), once PEFT's `get_peft_model` has set it up, and PEFT's
+        `adapter_names` (one adapter per example) are served (`surgical_peft.serving.mixed`, which imports PEFT: it is
+        imported here, once the tuner is)."""
+        from ..serving.mixed import mixed_batch
+
         compose(self.model)
-        yield
+        with mixed_batch(self, kwargs):
+            yield
+
+    def adapter_targets(self, adapter_name: str) -> list[str]:
+        """The paths of the modules `adapter_name` tunes as a whole: the outermost ones its `target_modules` matched
+        (its blocks), without the tensors a container owns that it tunes by themselves.
+
+        Example:
+            >>> from peft import get_peft_model
+            >>> from transformers import ResNetConfig, ResNetForImageClassification
+            >>> from surgical_peft import SurgicalConfig
+            >>> base = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]))
+            >>> get_peft_model(base, SurgicalConfig(block=["stage1", "head"])).base_model.adapter_targets("default")
+            ['resnet.encoder.stages.0', 'classifier']
+        """
+        return list(self._adapter_targets.get(adapter_name, []))
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make `adapter_name` the active adapter(s): their weights go into the model, the others' to the CPU.

@@ -1,0 +1,20 @@
+"""Serving tuned adapters: mixed-adapter batches through PEFT's `adapter_names` (`mixed.py`), one input through
+several adapters (`surgical_peft.fan_out`, in `fan_out.py`), compiling once and switching freely (`compile.py`), and
+where adapter weights live meanwhile (`memory.py`). The rows of such a batch (`rows.py`) run through the tuned blocks
+group by group (`units.py`, `session.py`); nothing here writes a weight or changes the active adapter.
+
+Example:
+    >>> import surgical_peft.serving as serving
+    >>> serving.__all__
+    ['keep_on_device']
+"""
+
+from __future__ import annotations
+
+from ..lazy import lazy_names
+
+__all__ = ["keep_on_device"]
+
+_LAZY = {"keep_on_device": "memory"}
+
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
