@@ -233,7 +233,13 @@ def run_training(options: argparse.Namespace | RunArguments) -> dict[str, Any]:
         prepared.output_dir.mkdir(parents=True, exist_ok=True)
         (prepared.output_dir / _RUN_FILE).write_text(json.dumps(prepared.settings, indent=1))
     try:
-        result = fine_tune(prepared.target.model.model, prepared.target.train, prepared.target.eval, prepared.args)
+        result = fine_tune(  # (run_settings: logged to the trackers, issue 23)
+            prepared.target.model.model,
+            prepared.target.train,
+            prepared.target.eval,
+            prepared.args,
+            run_settings=prepared.settings,
+        )
         summary = _summary(prepared, result, state)
         if state.is_main_process:
             _save(prepared, run, result, summary)
