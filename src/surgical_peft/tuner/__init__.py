@@ -2,8 +2,9 @@
 `SurgicalModel` (model.py), with base fingerprints (fingerprint.py) and adapter files (serialization.py). Every
 private PEFT or PyTorch internal they use is in `_internals.py`.
 
-Importing this package registers the `"SURGICAL"` type with PEFT, and has PEFT read a surgical adapter's config
-through `SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it.
+Importing this package registers the `"SURGICAL"` type with PEFT, has PEFT read a surgical adapter's config
+through `SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it,
+and has PEFT's `save_pretrained` write this package's model card for a surgical adapter (`surgical_peft.hub.card`).
 
 Example:
     >>> from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -12,7 +13,13 @@ Example:
     'SurgicalConfig'
 """
 
-from ._internals import add_peft_type, quiet_get_peft_model, register_method, route_config_reads
+from ._internals import (
+    add_peft_type,
+    quiet_get_peft_model,
+    register_method,
+    route_config_reads,
+    route_model_cards,
+)
 
 SURGICAL = add_peft_type("SURGICAL")  # before the config is defined: its peft_type is a member of the enum
 
@@ -23,5 +30,14 @@ from .serialization import save_adapter  # noqa: E402
 
 __all__ = ["DELTA_DTYPES", "SurgicalConfig", "SurgicalLayer", "SurgicalModel", "quiet_get_peft_model", "save_adapter"]
 
+
+def _write_card(model: object, directory: str) -> bool:
+    """The card `save_pretrained` writes for a surgical adapter: this package's (`surgical_peft.hub.card`)."""
+    from ..hub.card import write_card_on_save  # (imported when a model is saved)
+
+    return write_card_on_save(model, directory)
+
+
 register_method(SURGICAL, SurgicalConfig, SurgicalModel)
 route_config_reads(read_saved_config)
+route_model_cards(_write_card)

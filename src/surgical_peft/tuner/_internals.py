@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from aenum import extend_enum
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter, _get_in_out_features
@@ -46,6 +46,7 @@ __all__ = [
     "quiet_get_peft_model",
     "register_method",
     "route_config_reads",
+    "route_model_cards",
     "set_auxiliary_adapter",
 ]
 
@@ -121,6 +122,27 @@ def route_config_reads(reader: Callable[[type, str | os.PathLike], dict[str, Any
 
     from_json_file.routed_to = reader
     PeftConfig.from_json_file = classmethod(from_json_file)
+
+
+def route_model_cards(writer: Callable[[PeftModel, str], bool]) -> None:
+    """Let `writer(peft_model, directory)` write the model card that `PeftModel.save_pretrained` writes first (and so
+    `trainer.save_model`), once: it returns `True` when it wrote one, and `False` to leave the card to PEFT's
+    `create_or_update_model_card`, unchanged.
+
+    PEFT has no per-method hook for the card: `PeftModel` is PEFT's own class for every method, and the tuner it
+    wraps is not asked. So the one method is wrapped here, on PEFT's class, and calls PEFT's own for every model the
+    writer leaves alone."""
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "routed_to", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+        if not writer(self, output_dir):
+            original(self, output_dir)
+
+    create_or_update_model_card.routed_to = writer
+    PeftModel.create_or_update_model_card = create_or_update_model_card
 
 
 def quiet_get_peft_model(model: nn.Module, config: Any) -> Any:
