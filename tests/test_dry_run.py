@@ -95,5 +95,5 @@ def test_a_dry_run_of_the_built_in_demo_pretrains_nothing(
     assert main(["train", "--block", "stage1", "--train-n", "100", "--cache-dir", str(cache), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "Blocks to tune: stage1 (4.7K parameters)" in out
-    assert f"Would pretrain the built-in demo-resnet and cache it in {cache / 'demo-resnet-clean-seed0'}" in out
+    assert f"Would pretrain the built-in demo-resnet and cache it in {cache / 'demo-resnet-clean-seed0-r2'}" in out
     assert sorted(path.name for path in tmp_path.iterdir()) == []  # no cache, no outputs/, nothing

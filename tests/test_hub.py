@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import peft
 import pytest
 import transformers
 from conftest import build_model
@@ -22,6 +24,7 @@ from peft import get_peft_model
 from torch import nn
 
 from surgical_peft import SurgicalConfig
+from surgical_peft.cli import main
 from surgical_peft.hub import BASE_MODEL_PLACEHOLDER, render_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +56,11 @@ class FakeHub(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
-        """`/{repo}/resolve/{revision}/{path}`: a file of the repository's last commit; 404 otherwise."""
+        """`/api/whoami-v2`: the token's owner and role (`server.whoami`); `/{repo}/resolve/{revision}/{path}`: a file
+        of the repository's last commit; 404 otherwise."""
         self.server.requests.append((self.command, self.path))
+        if self.path.startswith("/api/whoami-v2"):
+            return self._json(self.server.whoami)
         owner, name, route, _, *path = [*self.path.split("?")[0].strip("/").split("/"), "", "", "", ""]
         files = self.server.commits.get(f"{owner}/{name}", [{}])[-1]
         content = files.get("/".join(p for p in path if p)) if route == "resolve" else None
@@ -75,6 +81,8 @@ class FakeHub(BaseHTTPRequestHandler):
             return self._json(
                 {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
             )
+        if "/commit/" in self.path and self.server.refuse_commits:
+            return self._reply(403, b"{}", {"X-Error-Message": "commits are refused"})
         if "/commit/" in self.path:
             repo = self.path.removeprefix("/api/models/").split("/commit/")[0]
             lines = [json.loads(line) for line in body.splitlines()]
@@ -87,7 +95,8 @@ class FakeHub(BaseHTTPRequestHandler):
 @pytest.fixture
 def hub() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    server.requests, server.commits = [], {}
+    server.requests, server.commits, server.refuse_commits = [], {}, False
+    server.whoami = {"name": "user", "auth": {"accessToken": {"role": "write"}}}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -282,3 +291,103 @@ def test_push_uploads_the_adapter_with_its_card(hub: ThreadingHTTPServer, tmp_pa
     # ... but on a new repository it replaces even PEFT's own card with transformers' generic one (see hub.py).
     (fresh,) = hub.commits["user/fresh"]
     assert front_matter(fresh["README.md"])["library_name"] == "transformers"
+
+
+def run_cli(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`surgical-peft ARGV` in a fresh process (huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when imported),
+    with a token unless `env` says otherwise, online unless `env` says otherwise."""
+    environment = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    environment.update(OMP_NUM_THREADS="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(cwd / "hf-home"))
+    environment.update(env)
+    command = [sys.executable, "-m", "surgical_peft.cli", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, cwd=cwd)
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (a connection to it is refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["offline", "no token", "no network", "read-only token"])
+def test_push_to_hub_is_checked_before_anything_is_loaded(
+    case: str, hub: ThreadingHTTPServer, tiny_model: str, tmp_path: Path
+) -> None:
+    endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
+    env = {
+        "offline": {"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_test"},
+        "no token": {"HF_ENDPOINT": endpoint},
+        "no network": {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_TOKEN": "hf_test"},
+        "read-only token": {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test"},
+    }[case]
+    hub.whoami["auth"]["accessToken"]["role"] = "read"
+    expected = {
+        "offline": "The Hub is switched off on this machine (HF_HUB_OFFLINE=1): unset it to push, or leave the push",
+        "no token": "No Hugging Face token on this machine, and pushing needs one with write access: log in with",
+        "no network": "Cannot push to the Hub: http://127.0.0.1:",
+        "read-only token": "The Hub token of 'user' may not write to user/tiny-stage1: use a token with write access",
+    }[case]
+    argv = ["train", "--model", tiny_model, "--block", "stage1", "--train-n", "20", "--eval-n", "10", "--epochs", "1"]
+    argv += ["--output-dir", str(tmp_path / "run"), "--push-to-hub", "--hub-model-id", "tiny-stage1"]
+    result = run_cli(argv, tmp_path, **env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"surgical-peft train: error: {expected}") and result.stderr.count("\n") == 1
+    assert "Data:" not in result.stdout and not (tmp_path / "run").exists()  # nothing loaded, nothing written
+    if case == "no network":
+        assert "(ConnectError: " in result.stderr
+
+
+def test_a_failed_push_says_where_the_adapter_is_and_push_uploads_it_later(
+    hub: ThreadingHTTPServer, tiny_model: str, tmp_path: Path
+) -> None:
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}", "HF_TOKEN": "hf_test"}
+    hub.refuse_commits = True  # the Hub answers, then fails the upload (after training)
+    run, repo = tmp_path / "run", "user/tiny-stage1"
+    argv = ["train", "--model", tiny_model, "--block", "stage1", "--train-n", "20", "--eval-n", "10", "--epochs", "1"]
+    argv += ["--output-dir", str(run), "--no-progress", "--push-to-hub", "--hub-model-id", repo]
+    result = run_cli(argv, tmp_path, **env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    adapter = run / "adapter"
+    line = result.stderr.splitlines()[-1]  # (after the card's warning that the base is a local path)
+    assert line.startswith(f"surgical-peft train: error: pushing to the Hub repository {repo} failed (")
+    assert line.endswith(f"The adapter is saved in {adapter}; push it later with: surgical-peft push {adapter} {repo}")
+    assert (adapter / "adapter_model.safetensors").is_file() and (run / "metrics.json").is_file()
+
+    hub.refuse_commits = False
+    result = run_cli(["push", str(adapter), repo], tmp_path, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    url = f"http://127.0.0.1:{hub.server_address[1]}/{repo}/commit/{COMMIT}"
+    assert result.stdout.splitlines() == [f"Pushed {adapter} to the Hub: {url}"]
+    (commit,) = hub.commits[repo]
+    assert commit == {path.name: path.read_bytes() for path in adapter.iterdir()}  # as saved, card included
+    assert f'PeftModel.from_pretrained(base, "{repo}")' in commit["README.md"].decode()  # rendered for the repository
+
+
+def test_push_refuses_a_directory_without_an_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["push", str(tmp_path), "me/adapter"]) == 2  # refused before the Hub is asked
+    assert f"{tmp_path} holds no adapter (adapter_config.json is missing)" in capsys.readouterr().err
+
+
+def test_save_pretrained_and_trainer_save_model_write_this_librarys_card(tmp_path: Path) -> None:
+    base = build_model("resnet-basic")
+    base.save_pretrained(tmp_path / "base")  # a local base: PEFT's save looks it up there, not on the Hub
+    base.name_or_path = str(tmp_path / "base")
+    model = get_peft_model(base, SurgicalConfig(block="stage1"))
+    model.save_pretrained(tmp_path / "saved")
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "import surgical_peft  # registers the SURGICAL PEFT type with PEFT" in card
+    assert "[More Information Needed]" not in card and "block:stage1" in front_matter(card.encode())["tags"]
+    assert f'AutoModelForImageClassification.from_pretrained("{BASE_MODEL_PLACEHOLDER}")' in card
+
+    arguments = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to=[], use_cpu=True)
+    transformers.Trainer(model=model, args=arguments).save_model(str(tmp_path / "trainer"))
+    assert (tmp_path / "trainer" / "README.md").read_text() == card
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("# My notes\n")  # a card already there is PEFT's to update
+    model.save_pretrained(tmp_path / "mine")
+    assert "# My notes" in (tmp_path / "mine" / "README.md").read_text()
+    lora = peft.get_peft_model(build_model("resnet-basic"), peft.LoraConfig(target_modules=["classifier.1"]))
+    lora.save_pretrained(tmp_path / "lora")  # another method's card is PEFT's own
+    assert "import surgical_peft" not in (tmp_path / "lora" / "README.md").read_text()

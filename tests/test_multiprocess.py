@@ -15,6 +15,7 @@ import safetensors.torch
 import torch
 from conftest import build_model
 from peft import PeftModel
+from tensorboard.backend.event_processing import event_accumulator
 from transformers import AutoModelForImageClassification
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ def test_two_processes_train_one_adapter(tmp_path: Path, pixel_values: torch.Ten
     command = [accelerate, "launch", "--config_file", str(CONFIG), str(ROOT / "examples" / "train.py")]
     command += ["--model", str(model_dir), "--block", "stage1", "--lr", "0.01", "--train-n", "40", "--eval-n", "20"]
     command += ["--epochs", "1", "--batch-size", "5", "--output-dir", str(output), "--no-progress"]
+    command += ["--report-to", "tensorboard"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_")}
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=240, env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path
@@ -48,6 +50,14 @@ def test_two_processes_train_one_adapter(tmp_path: Path, pixel_values: torch.Ten
     assert result.stdout.count("Data: all 1797 images of digits are the target (no shift): 40 for training") == 1
     # stage1 is on every forward path: DDP is not asked to search for unused parameters, so no rank warns.
     assert "find_unused_parameters" not in result.stderr, result.stderr[-3000:]
+    # The main process alone logged the epoch, and both processes ended normally (the trackers are closed without
+    # Accelerator.end_training, which destroys the process group the command line still waits on).
+    events = event_accumulator.EventAccumulator(str(output / "runs" / "surgical-peft"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("eval/accuracy")] == [
+        (1, pytest.approx(summary["metrics"]["eval_accuracy"]))
+    ]
+    assert len(list((output / "runs" / "surgical-peft").glob("events.out.tfevents.*"))) == 1
 
     # The saved file holds those weights, and loads as an adapter that changes the model.
     saved = safetensors.torch.load_file(output / "adapter" / "adapter_model.safetensors")

@@ -6,14 +6,17 @@ import copy
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_model
 from peft import get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 
 from surgical_peft import BlockRanking, SurgicalConfig, list_blocks, rank_blocks, select_blocks
+from surgical_peft.cli import main
 from surgical_peft.gradients import relative_gradient_norms
 from surgical_peft.training import FineTuneArguments, fine_tune
 
@@ -234,3 +237,58 @@ def test_the_progress_bar_counts_the_batches_that_run(
     monkeypatch.setattr(surgical_peft.criteria._base, "tqdm", Recording)
     rank_blocks(resnet, loader, criterion, num_batches=num_batches, progress=True)
     assert set(bars) == {(total, total)}  # (tqdm may close a bar twice)
+
+
+def zero_biased_model(tmp_path: Path, *, zero_everything: bool = False) -> str:
+    """A tiny digits ResNet, saved as transformers initialises it (BatchNorm biases of zeros) or with all tensors 0."""
+    model = build_model("resnet-basic", num_labels=10)
+    model.config.image_size = 32
+    if zero_everything:
+        for parameter in model.parameters():
+            nn.init.zeros_(parameter)
+    model.save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def test_rgn_leaves_tensors_without_a_scale_out_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Dividing by a floored norm scored each backbone block about 4e10 here, and the embedder "best".
+    model = zero_biased_model(tmp_path)
+    argv = ["rank", model, "digits", "--criterion", "rgn", "--train-n", "32", "--num-batches", "2"]
+    assert main([*argv, "--json", str(tmp_path / "ranking.json")]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "ranking.json").read_text())
+    assert all(0 < row["score"] < 100 for row in saved["blocks"]), saved["blocks"]
+    biases = [name for name, p in build_model("resnet-basic").named_parameters() if not p.any()]
+    assert saved["unscored"] == biases and len(biases) == 6  # every BatchNorm bias, no classifier tensor
+    assert not set(saved["tensor_scores"]) & set(biases) and saved["degenerate"] == ""
+    assert "without a score, left out of their blocks' means (no scale, e.g. a bias of zeros)" in out
+    assert f"best block: {max(saved['blocks'], key=lambda row: row['score'])['block']}" in out
+
+
+def test_a_ranking_with_no_score_is_called_degenerate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = zero_biased_model(tmp_path, zero_everything=True)
+    assert main(["rank", model, "digits", "--criterion", "rgn", "--train-n", "16", "--num-batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "degenerate ranking: no block has a score" in out
+    assert "best block: none singled out (no block has a score)" in out.splitlines()
+    tied = BlockRanking(
+        "snr", {"embedder": 0.0, "stage1": 0.0, "head": 0.0}, dict.fromkeys(["embedder", "stage1", "head"], 1)
+    )
+    assert tied.degenerate == "embedder, stage1 and head tie at the top (0); the first in forward order is named best"
+    with pytest.warns(UserWarning, match="block='auto': the rgn ranking is degenerate: no block has a score"):
+        select_blocks(
+            build_model("resnet-basic").apply(lambda m: [nn.init.zeros_(p) for p in m.parameters(recurse=False)]),
+            DataLoader(examples(8), batch_size=8),
+            SurgicalConfig(block="auto"),
+            progress=False,
+        )
+
+
+def test_auto_rgn_learning_rates_survive_tensors_without_a_scale(make_model: Callable[..., nn.Module]) -> None:
+    # A zero bias's ratio used to be about 1e10 and the largest, which set every other tensor's rate near 0.
+    model = make_model("resnet-basic")  # BatchNorm biases of zeros, as transformers initialises them
+    before = model.resnet.encoder.stages[0].layers[0].layer[0].convolution.weight.detach().clone()
+    args = FineTuneArguments(blocks=["stage1"], lr_mode="rgn", epochs=1, batch_size=8, progress=False)
+    tuned = fine_tune(model, examples(16), None, args).model.get_base_model()
+    after = tuned.resnet.encoder.stages[0].layers[0].layer[0].convolution.weight.detach()
+    assert float((after - before).abs().max()) > 1e-5  # (AdamW's first steps move a tensor by about lr * its rate)

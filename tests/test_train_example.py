@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import safetensors.torch
 import torch
 from conftest import build_model, save_tiny_model
 from huggingface_hub import ModelCard
@@ -208,3 +209,43 @@ def test_the_built_in_demo_keeps_its_split_and_shift(
     )
     recorded = json.loads((tmp_path / "metrics.json").read_text())
     assert (recorded["shift"], recorded["severity"]) == (summary["shift"], summary["severity"]) == ("contrast", 5)
+
+
+def test_the_source_models_initial_weights_are_its_own() -> None:
+    # Drawn per module from the seed and the module's name: not from torch's global RNG, nor in the order a
+    # transformers release initialises modules.
+    demo = surgical_peft.experiments.demo
+    models = []
+    for global_seed in (0, 123):
+        torch.manual_seed(global_seed)
+        model = demo.ResNetForImageClassification(demo.source_config())
+        demo._initialise(model, seed=0)
+        models.append(model.state_dict())
+    assert all(torch.equal(models[0][name], models[1][name]) for name in models[0])
+    other = demo.ResNetForImageClassification(demo.source_config())
+    demo._initialise(other, seed=1)
+    assert not torch.equal(other.classifier[1].weight, models[0]["classifier.1.weight"])  # another seed
+
+
+PRETRAIN = """
+import sys
+import surgical_peft.experiments.demo as demo
+demo._PRETRAIN_EPOCHS = 2
+print(demo.source_model("contrast", cache_dir=sys.argv[1], progress=False))
+"""
+
+
+def test_the_source_model_is_the_same_with_another_cpus_kernels(tmp_path: Path) -> None:
+    # Pretrained in float32, the last-bit differences between AVX-512 and AVX2 kernels grew into another model (the
+    # demo's head row moved by 16 points); in float64 the saved float32 weights agree. ATEN_CPU_CAPABILITY=avx2 has
+    # PyTorch use its AVX2 kernels on an AVX-512 CPU (elsewhere both runs use the same kernels).
+    weights = []
+    for name, env in (("own", {}), ("avx2", {"ATEN_CPU_CAPABILITY": "avx2"})):
+        command = [sys.executable, "-c", PRETRAIN, str(tmp_path / name)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        path = Path(result.stdout.strip().splitlines()[-1])
+        weights.append(safetensors.torch.load_file(path / "model.safetensors"))
+    differences = [float((weights[0][key] - weights[1][key]).abs().max()) for key in weights[0]]
+    assert max(differences) < 1e-6, max(differences)

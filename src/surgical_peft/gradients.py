@@ -35,6 +35,7 @@ from .errors import InputError
 from .modes import held_in_eval
 
 __all__ = [
+    "SCALE_FLOOR",
     "batch_count",
     "gradient_snr",
     "labelled_batches",
@@ -43,7 +44,9 @@ __all__ = [
     "rgn_per_tensor",
 ]
 
-_WEIGHT_NORM_FLOOR = 1e-12  # a tensor of zeros (a fresh bias) has no relative scale: its norm is floored
+SCALE_FLOOR = 1e-6
+"""A tensor whose entries' root mean square is below this has no scale to relate a gradient to (a bias initialised to
+zeros): its relative gradient norm is undefined (NaN), where dividing by a floored norm gave scores of 1e10."""
 _VARIANCE_FLOOR = 1e-30  # entries whose gradient is always 0 get SNR 0 rather than 0/0
 _PER_EXAMPLE_CHUNK = 8  # examples whose per-example gradients are held in memory at once
 
@@ -101,19 +104,22 @@ def probing(model: nn.Module, parameters: Sequence[nn.Parameter]) -> Iterator[No
 def rgn_per_tensor(
     model: nn.Module, parameters: Sequence[nn.Parameter], batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor, int]:
-    """Per-tensor ||g|| / ||w|| averaged over `batches`, and the number of examples seen."""
-    weight_norms = torch.stack([p.detach().float().norm() for p in parameters]).clamp_min(_WEIGHT_NORM_FLOOR)
-    total = torch.zeros_like(weight_norms)
+    """Per-tensor ||g|| / ||w|| averaged over `batches` (NaN for a tensor without a scale, see `SCALE_FLOOR`), and
+    the number of examples seen."""
+    weight_norms = torch.stack([p.detach().float().norm() for p in parameters])
+    sizes = torch.tensor([p.numel() for p in parameters], dtype=weight_norms.dtype, device=weight_norms.device)
+    total = torch.zeros_like(weight_norms)  # the gradient norms summed over batches (the weights do not change)
     num_batches = num_examples = 0
     with probing(model, parameters), torch.enable_grad():
         for pixel_values, labels in batches:
             loss = F.cross_entropy(model(pixel_values=pixel_values).logits, labels)
             grads = torch.autograd.grad(loss, parameters, allow_unused=True)
             norms = [g.detach().float().norm() if g is not None else torch.zeros(()) for g in grads]
-            total += torch.stack([n.to(total.device) for n in norms]) / weight_norms
+            total += torch.stack([n.to(total.device) for n in norms])
             num_batches += 1
             num_examples += len(labels)
-    return total / num_batches, num_examples
+    scaled = weight_norms >= SCALE_FLOOR * sizes.sqrt()
+    return torch.where(scaled, total / num_batches / weight_norms, torch.nan), num_examples
 
 
 def gradient_snr(
@@ -176,7 +182,7 @@ def relative_gradient_norms(
         accelerator: the `Accelerator` the model was prepared with, if any.
 
     Returns:
-        One value per tensor of `parameters`, in order.
+        One value per tensor of `parameters`, in order; NaN for a tensor without a scale (`SCALE_FLOOR`).
     """
     module = unwrap_model(model)
     parameters = list(parameters) if parameters is not None else [p for p in module.parameters() if p.requires_grad]

@@ -35,6 +35,9 @@ class BlockRanking:
         block_seconds: `"sweep"`, `"greedy"`: block -> seconds its fine-tuning took (`"greedy"`: over all rounds).
         chosen: `"greedy"` only: the block subset the criterion chose, in the order the blocks joined (they rank
             first); `select_blocks` tunes it. Empty for the criteria that only score.
+        unscored: tensors the criterion could not score, left out of their blocks' means (`"rgn"`: tensors without
+            a scale, such as biases initialised to zeros, see `surgical_peft.gradients.SCALE_FLOOR`); a block with no
+            scored tensor has no score (NaN, ranked last).
 
     Example:
         >>> ranking = BlockRanking("rgn", {"stage1": 0.2, "head": 0.5}, {"stage1": 1200, "head": 40})
@@ -55,11 +58,32 @@ class BlockRanking:
     seconds: float = 0.0
     block_seconds: dict[str, float] = field(default_factory=dict)
     chosen: list[str] = field(default_factory=list)
+    unscored: list[str] = field(default_factory=list)
 
     @property
     def description(self) -> str:
         """What the scores are, e.g. `"Auto-RGN: mean relative gradient norm ||g||/||w|| of the block's tensors"`."""
         return CRITERIA.get(self.criterion).description
+
+    @property
+    def degenerate(self) -> str:
+        """Why the scores single out no best block, or `""` when they do: no block has a score, or several share the
+        best one (e.g. every score is 0); `best()` then names the first of them in forward order.
+
+        Example:
+            >>> BlockRanking("rgn", {"stage1": 0.0, "head": 0.0}, {"stage1": 1200, "head": 40}).degenerate
+            'stage1 and head tie at the top (0); the first in forward order is named best'
+        """
+        if self.chosen:  # a criterion that chooses a subset has chosen
+            return ""
+        if not any(math.isfinite(score) for score in self.scores.values()):
+            return "no block has a score"
+        top = self.scores[self.ranked()[0]]
+        tied = [block for block in self.ranked() if self.scores[block] == top]
+        if len(tied) > 1:
+            ties = f"{', '.join(tied[:-1])} and {tied[-1]}"
+            return f"{ties} tie at the top ({top:.4g}); the first in forward order is named best"
+        return ""
 
     def ranked(self) -> list[str]:
         """All blocks, best first; ties keep forward order (the earlier block first)."""
@@ -99,7 +123,12 @@ class BlockRanking:
             "criterion": self.criterion,
             "description": self.description,
             "blocks": [
-                {"block": block, "score": score, "num_parameters": self.num_parameters[block], "rank": rank[block]}
+                {
+                    "block": block,
+                    "score": score if math.isfinite(score) else None,
+                    "num_parameters": self.num_parameters[block],
+                    "rank": rank[block],
+                }
                 for block, score in self.scores.items()
             ],
             "tensor_scores": dict(self.tensor_scores),
@@ -107,6 +136,8 @@ class BlockRanking:
             "seconds": self.seconds,
             "block_seconds": dict(self.block_seconds),
             "chosen": list(self.chosen),
+            "unscored": list(self.unscored),
+            "degenerate": self.degenerate,
         }
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
@@ -135,6 +166,15 @@ class BlockRanking:
             count = format_count(self.num_parameters[block])
             mark = marker if block in marked else ""
             lines.append(f"  {rank[block]:>4}  {block:<{width}}  {score:>10.4g}  {count:<6}{mark}".rstrip())
+        if self.unscored:
+            names = ", ".join(self.unscored[:3]) + (
+                f", ... ({len(self.unscored)} in all)" if len(self.unscored) > 3 else ""
+            )
+            lines.append(
+                f"  without a score, left out of their blocks' means (no scale, e.g. a bias of zeros): {names}"
+            )
+        if self.degenerate:
+            lines.append(f"  degenerate ranking: {self.degenerate}")
         return "\n".join(lines)
 
 

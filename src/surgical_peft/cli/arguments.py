@@ -45,6 +45,7 @@ _DATA = "model and data"  # sections of the help
 _OUTPUT = "output"
 
 RESUMABLE = ("epochs", "lp_epochs", "output_dir", "push_to_hub", "hub_model_id", "progress", "cache_dir")
+RESUMABLE += ("report_to", "run_name")  # tracking (issue 23): the trackers may change when a run resumes
 """The settings that may change between a run and its resumption (option names); every other one defines the run."""
 
 

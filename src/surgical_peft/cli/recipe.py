@@ -35,6 +35,7 @@ from ..privacy.arguments import PrivacyArguments
 from ..training.arguments import FineTuneArguments
 from .arguments import DataArguments, HubArguments, ModelArguments, RunArguments
 from .defaults import SOURCE_MODEL
+from .hub import check_hub, push_saved  # hub (issue 23)
 from .privacy import card_rows, check_private_run, privacy_arguments
 
 if TYPE_CHECKING:  # the parser needs none of these: they are imported where they run (`--help` stays fast)
@@ -182,6 +183,8 @@ def _prepare(run: RunArguments, state: PartialState) -> _Run:
     _quiet(state, run.fine_tune.progress)
     check_mixed_precision(run.fine_tune.mixed_precision, state.device)
     output_dir = _output_dir(run)
+    if run.hub.push_to_hub:  # hub (issue 23): the Hub and a token that may write, before anything is loaded
+        check_hub(run.hub.hub_model_id or output_dir.name)
     settings = _check_resumable(output_dir, run)
     if run.model.model == SOURCE_MODEL:  # its blocks, before it is pretrained
         _check_blocks(load_model(SOURCE_MODEL, pretrained=False).model, run.fine_tune.blocks)
@@ -233,13 +236,24 @@ def run_training(options: argparse.Namespace | RunArguments) -> dict[str, Any]:
         prepared.output_dir.mkdir(parents=True, exist_ok=True)
         (prepared.output_dir / _RUN_FILE).write_text(json.dumps(prepared.settings, indent=1))
     try:
-        result = fine_tune(prepared.target.model.model, prepared.target.train, prepared.target.eval, prepared.args)
+        result = fine_tune(  # (run_settings: logged to the trackers, issue 23)
+            prepared.target.model.model,
+            prepared.target.train,
+            prepared.target.eval,
+            prepared.args,
+            run_settings=prepared.settings,
+        )
         summary = _summary(prepared, result, state)
         if state.is_main_process:
             _save(prepared, run, result, summary)
     except KeyboardInterrupt:
         raise Interrupted(_where_it_stopped(prepared)) from None
     state.wait_for_everyone()
+    if (
+        run.hub.push_to_hub and state.is_main_process
+    ):  # hub (issue 23): after the barrier, so a failed push holds no one
+        repo_id = run.hub.hub_model_id or prepared.output_dir.name
+        summary["commit_url"] = push_saved(summary["adapter_dir"], repo_id)  # (a failure says how to push later)
     return summary
 
 
@@ -283,8 +297,8 @@ def _summary(prepared: _Run, result: Any, state: PartialState) -> dict[str, Any]
 
 
 def _save(prepared: _Run, run: RunArguments, result: Any, summary: dict[str, Any]) -> None:
-    """Save the adapter with its model card and `metrics.json`, and push them if asked (main process)."""
-    from ..hub import push_adapter, render_model_card, save_adapter_with_card
+    """Save the adapter with its model card and `metrics.json` (main process)."""
+    from ..hub import render_model_card, save_adapter_with_card
 
     data, repo_id = run.data, run.hub.hub_model_id or prepared.output_dir.name
     recipe = {"strategy": summary["strategy"], "blocks": ", ".join(summary["blocks"])}
@@ -303,8 +317,6 @@ def _save(prepared: _Run, run: RunArguments, result: Any, summary: dict[str, Any
     )
     save_adapter_with_card(result.model, Path(summary["adapter_dir"]), card)
     (prepared.output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
-    if run.hub.push_to_hub:
-        summary["commit_url"] = push_adapter(result.model, repo_id, card=card)
 
 
 def plan(prepared: _Run, run: RunArguments) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -95,8 +96,16 @@ class TensorCriterion:
             total = batch_count(dataloader, options.num_batches)
             batches = tqdm(batches, desc=f"{self.name} ranking", total=total, leave=False)
         values, num_examples = self.tensor_scores(unwrap_model(model), names, chosen, batches)
-        tensor_scores = dict(zip(names, values.tolist(), strict=True))
-        scores = {
-            block: sum(tensor_scores[n] for n in found) / len(found) for block, found in candidates.tensors.items()
+        # A tensor the criterion cannot score (NaN) is left out of its block's mean; a block of such tensors only
+        # has no score (NaN, ranked last).
+        tensor_scores = {
+            name: value for name, value in zip(names, values.tolist(), strict=True) if not math.isnan(value)
         }
-        return BlockRanking(self.name, scores, {}, tensor_scores=tensor_scores, num_examples=num_examples)
+        scores = {}
+        for block, found in candidates.tensors.items():
+            scored = [tensor_scores[name] for name in found if name in tensor_scores]
+            scores[block] = sum(scored) / len(scored) if scored else math.nan
+        unscored = [name for name in names if name not in tensor_scores]
+        return BlockRanking(
+            self.name, scores, {}, tensor_scores=tensor_scores, num_examples=num_examples, unscored=unscored
+        )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -141,5 +142,9 @@ def select_blocks(model: nn.Module, dataloader: DataLoader, config: SurgicalConf
     if config.blocks != [AUTO]:
         raise InputError(f"select_blocks resolves SurgicalConfig(block='auto'); this one has block={config.block!r}.")
     ranking = rank_blocks(model, dataloader, config.auto_criterion, **kwargs)
+    if ranking.degenerate:
+        warnings.warn(
+            f"block='auto': the {ranking.criterion} ranking is degenerate: {ranking.degenerate}.", stacklevel=2
+        )
     chosen = [block for block in ranking.scores if block in ranking.chosen] or ranking.best(config.auto_top_k)
     return dataclasses.replace(config, block=chosen[0] if len(chosen) == 1 else chosen)

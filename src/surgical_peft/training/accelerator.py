@@ -12,6 +12,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from ..blocks import ALL, BlockMap
 from ..errors import InputError
 from .arguments import FineTuneArguments
+from .tracking import project_configuration
 
 __all__ = ["check_mixed_precision", "make_accelerator", "may_leave_parameters_unused", "set_unused_parameter_search"]
 
@@ -34,7 +35,8 @@ def check_mixed_precision(mixed_precision: str | None, device: torch.device) -> 
 
 
 def make_accelerator(args: FineTuneArguments) -> Accelerator:
-    """An `Accelerator` for `args`: mixed precision, gradient accumulation. (Checkpoints are named and rotated by
+    """An `Accelerator` for `args`: mixed precision, gradient accumulation, the trackers of `args.report_to`
+    (`surgical_peft.training.tracking`, which starts them). (Checkpoints are named and rotated by
     `checkpoint.save_checkpoint`, not by Accelerate, whose rotation deletes the old checkpoint before the new one is
     complete, and whose automatic naming races between processes.)
 
@@ -46,6 +48,8 @@ def make_accelerator(args: FineTuneArguments) -> Accelerator:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs()],  # set per phase by `set_unused_parameter_search`
+        log_with=args.report_to or None,
+        project_config=project_configuration(args),
     )
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..blocks import ALL, AUTO, HEAD
 from ..errors import InputError
 from .strategies import STRATEGIES
+from .tracking import REPORT_TO, resolve_report_to
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -89,6 +90,10 @@ class FineTuneArguments:
         self_train_rounds: `self-train`'s teacher-student rounds (each round's students teach the next).
         ensemble_size: adapters, seeded apart on the one base, whose mean prediction measures `self-train`'s
             uncertainty; the first (the run's seed) is the teacher that labels.
+        report_to: experiment trackers, as transformers names them: `"tensorboard"`, `"trackio"`, `"wandb"`,
+            `"mlflow"`, a list of them, `"all"` (every installed one) or `"none"`; a list of trackers once checked
+            (`surgical_peft.training.tracking`). Each needs its extra, e.g. `pip install 'surgical-peft[trackio]'`.
+        run_name: the run's name in the trackers (default: the output directory's name).
     """
 
     _argument_group_name = "fine-tuning"  # the options' section of the command line's help
@@ -190,9 +195,24 @@ class FineTuneArguments:
             "group": _SCHEDULES,
         },
     )
+    report_to: str | list[str] = field(
+        default="none",
+        metadata={
+            "help": f"experiment trackers: {', '.join(REPORT_TO)}; each is an extra, e.g. "
+            "pip install 'surgical-peft[tensorboard]'",
+            "nargs": "+",
+            "metavar": "TRACKER",
+            "group": "output",
+        },
+    )
+    run_name: str | None = field(
+        default=None,
+        metadata={"help": "the run's name in the trackers (default: the output directory's name)", "group": "output"},
+    )
 
     def __post_init__(self) -> None:
         STRATEGIES.check(self.strategy)
+        self.report_to = resolve_report_to(self.report_to)
         if self.lr_mode not in LR_MODES:
             raise InputError(f"Unknown lr_mode {self.lr_mode!r}. Valid: {', '.join(LR_MODES)}.")
         meaning = {ALL: "means full fine-tuning", AUTO: "picks the block from the training data"}

@@ -35,6 +35,7 @@ from accelerate import Accelerator
 
 from ..errors import InputError
 from ..files import fsync, move_into_place
+from ..tuner.layer import deduplicate_state_dict
 
 if TYPE_CHECKING:
     from .strategies._base import Phase
@@ -151,6 +152,15 @@ def _remove(checkpoint: Path) -> None:
     shutil.rmtree(checkpoint)
 
 
+def _deduplicate(models: list[Any], state_dicts: list[dict[str, Any]], output_dir: str) -> None:
+    """Accelerate's hook before `save_state` writes the models' state dicts: one name per tensor
+    (`surgical_peft.tuner.layer.deduplicate_state_dict`), where a `PeftModel` names each tuned tensor twice and
+    Accelerate would drop one name itself, warning "Removed shared tensor ... while saving" at every epoch. Under FSDP
+    and DeepSpeed, Accelerate saves the models its own way and `state_dicts` is empty."""
+    for model, state_dict in zip(models, state_dicts, strict=False):  # (state_dicts is empty under FSDP)
+        deduplicate_state_dict(model, state_dict)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike[str], progress: Progress) -> Path:
     """Save model, optimizer and RNG states as checkpoint `progress.number`, mark it complete, then delete the older
     checkpoints. Every process calls it; the main process writes the progress file and deletes. Returns its path."""
@@ -158,7 +168,11 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike[str]
     if accelerator.is_main_process and checkpoint.exists():  # left incomplete by a killed run (never a complete one)
         _remove(checkpoint)
     accelerator.wait_for_everyone()
-    accelerator.save_state(output_dir=str(checkpoint))
+    hook = accelerator.register_save_state_pre_hook(_deduplicate)
+    try:
+        accelerator.save_state(output_dir=str(checkpoint))
+    finally:
+        hook.remove()
     accelerator.wait_for_everyone()  # every process has written its part
     if accelerator.is_main_process:
         _mark_complete(checkpoint, progress)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from .evaluation import evaluate_accuracy
 from .optimizer import block_depths, make_optimizer, scale_learning_rates_by_rgn
 from .strategies import STRATEGIES
 from .strategies._base import Phase
+from .tracking import RunTracker
 
 __all__ = ["adapter_config", "epoch_seed", "fine_tune"]
 
@@ -79,6 +80,7 @@ class _Run:
     progress: Progress
     resume_from: Path | None  # the checkpoint to load when its phase starts
     owns_accelerator: bool  # whether `fine_tune` made the accelerator (and so sets its DDP options)
+    tracker: RunTracker  # the experiment trackers (`args.report_to`), logged after every checkpoint
     optimizer: torch.optim.Optimizer | None = None  # the current phases' optimizer (over every adapter tensor)
     optimizer_rate: float | None = None  # the learning rate it was made for
 
@@ -133,6 +135,7 @@ def _start(
     args: FineTuneArguments,
     accelerator: Accelerator,
     owns_accelerator: bool,
+    tracker: RunTracker,
 ) -> _Run:
     peft_model = _surgical_model(model, args)
     generator = torch.Generator()
@@ -157,6 +160,7 @@ def _start(
         progress=resume[1] if resume else Progress(),
         resume_from=resume[0] if resume else None,
         owns_accelerator=owns_accelerator,
+        tracker=tracker,
     )
 
 
@@ -283,6 +287,7 @@ def _run_phase(run: _Run, index: int, phase: Phase) -> float | None:
         run.progress.phase = index
         if args.output_dir is not None:
             save_checkpoint(accelerator, args.output_dir, run.progress)
+        run.tracker.log_epoch(record, step=sum(run.progress.epochs_done), learning_rate=phase.learning_rate)
     wrapped = model is not run.model
     run.model = accelerator.unwrap_model(model)
     if wrapped:  # drop the DDP/FSDP wrapper before the next phase changes what is trainable
@@ -297,6 +302,7 @@ def fine_tune(
     args: FineTuneArguments | None = None,
     *,
     accelerator: Accelerator | None = None,
+    run_settings: Mapping[str, Any] | None = None,
 ) -> FineTuneResult:
     """Fine-tune `model` (a transformers image classifier, or a `PeftModel` with a surgical adapter) on
     `train_dataset`, a dataset of `{"pixel_values": tensor, "labels": int}` examples.
@@ -305,14 +311,18 @@ def fine_tune(
     `PeftModel` is trained as it is (its active adapter). Returns the `PeftModel` (unwrapped from DDP), the final
     metrics (`train_loss`, `eval_accuracy` when `eval_dataset` is given) and per-epoch history. With
     `args.output_dir`, every epoch is checkpointed there and a rerun resumes from the latest checkpoint, bit-identical
-    to an uninterrupted run.
+    to an uninterrupted run. With `args.report_to`, the run's settings (`args`, the model's name, the data's sizes and
+    `run_settings`, e.g. the command line's model and data options) and every epoch's loss and accuracy go to those
+    trackers (`surgical_peft.training.tracking`).
 
     Each epoch logs one line (train loss, eval accuracy) at INFO on the main process, and a rerun says where it
     resumes (`logging.getLogger("surgical_peft")`; the command line prints them).
 
     Raises:
-        InputError: for fp16 on a CPU, a caller's `accelerator` that names checkpoints itself, or data whose class
-            names (a `datasets` `ClassLabel`) are not the model's labels in its order (`surgical_peft.labels`).
+        InputError: for fp16 on a CPU, a caller's `accelerator` that names checkpoints itself or comes with
+            `args.report_to` (a caller's accelerator brings its own trackers: `Accelerator(log_with=...)`), or data
+            whose class names (a `datasets` `ClassLabel`) are not the model's labels in its order
+            (`surgical_peft.labels`).
         TrainingError: when a loss or a trained tensor is not finite (nothing of that epoch is saved).
     """
     args = args or FineTuneArguments()
@@ -320,19 +330,48 @@ def fine_tune(
     for dataset in (train_dataset, eval_dataset):
         check_label_names(dataset, id2label)
     callers_accelerator = accelerator is not None
+    if callers_accelerator and args.report_to:
+        raise InputError(
+            f"report_to={args.report_to} starts trackers on the Accelerator fine_tune makes. With your own "
+            "accelerator, make it with Accelerator(log_with=...), call its init_trackers and log result.history."
+        )
     accelerator = accelerator or make_accelerator(args)
     if args.output_dir is not None and accelerator.project_configuration.automatic_checkpoint_naming:
         raise InputError(
             "fine_tune names its checkpoints itself (under output_dir/checkpoints); pass an Accelerator without "
             "ProjectConfiguration(automatic_checkpoint_naming=True), or no output_dir."
         )
+    settings = {"model": getattr(unwrap_model(model), "name_or_path", None) or type(model).__name__}
+    settings.update(train_examples=len(train_dataset), eval_examples=len(eval_dataset or []), **(run_settings or {}))
+    tracker = RunTracker(accelerator, args, settings)
+    try:
+        result = _fine_tune(model, train_dataset, eval_dataset, args, accelerator, callers_accelerator, tracker)
+    finally:
+        tracker.finish()
+    if callers_accelerator:  # release what this call prepared; an accelerator of our own just goes away
+        accelerator.free_memory()
+    return result
+
+
+def _fine_tune(
+    model: nn.Module,
+    train_dataset: Examples,
+    eval_dataset: Examples | None,
+    args: FineTuneArguments,
+    accelerator: Accelerator,
+    callers_accelerator: bool,
+    tracker: RunTracker,
+) -> FineTuneResult:
     set_seed(args.seed)
     strategy = STRATEGIES.get(args.strategy)
     if hasattr(strategy, "run"):  # a strategy that runs itself (dp-linear-probe: full-batch NoisyGD)
-        return strategy.run(_surgical_model(model, args), train_dataset, eval_dataset, args, accelerator)
+        result = strategy.run(_surgical_model(model, args), train_dataset, eval_dataset, args, accelerator)
+        for step, record in enumerate(result.history, start=1):  # logged once it is over
+            tracker.log_epoch(record, step=step)
+        return result
     if args.blocks == [AUTO]:
         args = _resolve_auto(model, train_dataset, args, accelerator)
-    run = _start(model, train_dataset, eval_dataset, args, accelerator, not callers_accelerator)
+    run = _start(model, train_dataset, eval_dataset, args, accelerator, not callers_accelerator, tracker)
     last_accuracy = None  # eval accuracy after this call's last epoch
     for index, phase in enumerate(args.phases()):
         accuracy = _run_phase(run, index, phase)
@@ -346,6 +385,4 @@ def fine_tune(
             if last_accuracy is not None
             else evaluate_accuracy(run.model, accelerator.prepare(run.eval_loader), accelerator)
         )
-    if callers_accelerator:  # release what this call prepared; an accelerator of our own just goes away
-        accelerator.free_memory()
     return FineTuneResult(model=run.model, metrics=metrics, history=history)

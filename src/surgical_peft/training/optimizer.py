@@ -3,6 +3,8 @@ Auto-RGN's per-tensor learning rates."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -59,9 +61,11 @@ def scale_learning_rates_by_rgn(
     learning_rate: float,
 ) -> None:
     """Give the group of each tensor of `parameters` (one tensor per group, see `make_optimizer`) `learning_rate`
-    times its relative gradient norm over the largest one (Auto-RGN)."""
+    times its relative gradient norm over the largest one (Auto-RGN). A tensor without a scale (all zeros, see
+    `surgical_peft.gradients.SCALE_FLOOR`) has an unbounded ratio, so it trains at `learning_rate`, as the largest
+    ratio does."""
     norms = relative_gradient_norms(model, dataloader, parameters=parameters, accelerator=accelerator)
-    largest = max(norms) or 1.0
+    largest = max((norm for norm in norms if not math.isnan(norm)), default=0.0) or 1.0
     groups = {id(group["params"][0]): group for group in optimizer.param_groups}
     for parameter, norm in zip(parameters, norms, strict=True):
-        groups[id(parameter)]["lr"] = learning_rate * norm / largest
+        groups[id(parameter)]["lr"] = learning_rate * (1.0 if math.isnan(norm) else norm / largest)

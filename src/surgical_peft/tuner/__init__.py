@@ -4,7 +4,8 @@ private PEFT or PyTorch internal they use is in `_internals.py`.
 
 Importing this package registers the `"SURGICAL"` type with PEFT, has PEFT read a surgical adapter's config through
 `SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it, has
-PEFT's `convert_to_lora`/`save_as_lora` convert surgical adapters with `lora_export.convert_to_lora`, and keeps
+PEFT's `convert_to_lora`/`save_as_lora` convert surgical adapters with `lora_export.convert_to_lora`, has PEFT's
+`save_pretrained` write this package's model card for a surgical adapter (`surgical_peft.hub.card`), and keeps
 `torch.compile(peft_model)` from recompiling on `set_adapter` (`surgical_peft.serving.compile`).
 
 Example:
@@ -21,6 +22,7 @@ from ._internals import (
     register_method,
     route_config_reads,
     route_lora_conversion,
+    route_model_cards,
 )
 
 SURGICAL = add_peft_type("SURGICAL")  # before the config is defined: its peft_type is a member of the enum
@@ -42,7 +44,16 @@ __all__ = [
     "save_as_lora",
 ]
 
+
+def _write_card(model: object, directory: str) -> bool:
+    """The card `save_pretrained` writes for a surgical adapter: this package's (`surgical_peft.hub.card`)."""
+    from ..hub.card import write_card_on_save  # (imported when a model is saved)
+
+    return write_card_on_save(model, directory)
+
+
 register_method(SURGICAL, SurgicalConfig, SurgicalModel)
 route_config_reads(read_saved_config)
 route_lora_conversion(convert_to_lora, converts_to_lora)
 compile_across_switches(SurgicalModel)
+route_model_cards(_write_card)

@@ -21,7 +21,7 @@ from typing import Any
 
 import peft
 from aenum import extend_enum
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.lora import conversion as lora_conversion
@@ -58,6 +58,7 @@ __all__ = [
     "register_method",
     "route_config_reads",
     "route_lora_conversion",
+    "route_model_cards",
     "set_auxiliary_adapter",
 ]
 
@@ -166,6 +167,27 @@ def route_lora_conversion(converter: Callable[..., Any], handles: Callable[[nn.M
     for module in (lora_conversion, peft, peft.tuners, peft.tuners.lora):
         if getattr(module, "convert_to_lora", None) is original:
             module.convert_to_lora = convert_to_lora
+
+
+def route_model_cards(writer: Callable[[PeftModel, str], bool]) -> None:
+    """Let `writer(peft_model, directory)` write the model card that `PeftModel.save_pretrained` writes first (and so
+    `trainer.save_model`), once: it returns `True` when it wrote one, and `False` to leave the card to PEFT's
+    `create_or_update_model_card`, unchanged.
+
+    PEFT has no per-method hook for the card: `PeftModel` is PEFT's own class for every method, and the tuner it
+    wraps is not asked. So the one method is wrapped here, on PEFT's class, and calls PEFT's own for every model the
+    writer leaves alone."""
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "routed_to", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+        if not writer(self, output_dir):
+            original(self, output_dir)
+
+    create_or_update_model_card.routed_to = writer
+    PeftModel.create_or_update_model_card = create_or_update_model_card
 
 
 def quiet_get_peft_model(model: nn.Module, config: Any) -> Any:

@@ -52,7 +52,7 @@ from ..errors import InputError
 from ._internals import BaseTunerLayer, in_out_features, persistent_buffer_names
 from .serialization import KEY_PREFIX
 
-__all__ = ["RANDOM_INIT_SCALE", "SurgicalLayer"]
+__all__ = ["RANDOM_INIT_SCALE", "SurgicalLayer", "deduplicate_state_dict"]
 
 RANDOM_INIT_SCALE = 0.02
 """Standard deviation of `init_weights=False`'s random deltas, relative to each tensor's own."""
@@ -95,6 +95,33 @@ class _AdapterParameters(nn.Module):
         self, state_dict: Mapping, prefix: str, metadata: dict, strict: bool, missing: list, *args: object
     ) -> None:
         super()._load_from_state_dict(state_dict, prefix, metadata, strict, [], *args)
+
+
+def deduplicate_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Leave one name per tensor in `state_dict` (`model.state_dict()`, in place), which names every tuned tensor
+    twice (see `_AdapterParameters`): its adapter's name is kept and the model's own name dropped. safetensors cannot
+    hold a tensor twice, and its `load_model` (what Accelerate's `load_state` runs) matches a file against the model
+    by the adapter's names: a model name is reported missing, and so forgiven as a duplicate, where an adapter name
+    is not. `model` may be wrapped (DDP's `module.` prefix is kept).
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> from surgical_peft import SurgicalConfig
+        >>> model = get_peft_model(nn.Sequential(nn.Linear(2, 2)), SurgicalConfig(target_modules=["0"]))
+        >>> state_dict = model.state_dict()
+        >>> deduplicate_state_dict(model, state_dict)
+        >>> sorted(state_dict)
+        ['base_model.surgical_layers.0.tuned.default.bias', 'base_model.surgical_layers.0.tuned.default.weight']
+    """
+    adapter_names = {
+        f"{name}.{tensor}"
+        for name, module in model.named_modules()
+        if isinstance(module, _AdapterParameters)
+        for tensor in module._parameters
+    }
+    tuned = {state_dict[key].data_ptr() for key in adapter_names if key in state_dict}
+    for key in [key for key, tensor in state_dict.items() if key not in adapter_names and tensor.data_ptr() in tuned]:
+        del state_dict[key]
 
 
 class SurgicalLayer(nn.Module, BaseTunerLayer):

@@ -103,6 +103,8 @@ def _report(ranking: BlockRanking, args: argparse.Namespace) -> None:
     print(ranking)
     if ranking.chosen:
         print(f"chosen blocks: {', '.join(ranking.chosen)}")
+    elif ranking.degenerate:
+        print(f"best block: none singled out ({ranking.degenerate})")
     else:
         print(f"best block: {ranking.best(1)[0]}")
     if args.plot:

@@ -153,7 +153,7 @@ class SelfTrain:
                 "strategy='self-train' needs unlabelled target images: unlabeled_dataset=... (on the command line "
                 "--unlabeled-n N)."
             )
-        surgical = replace(args, strategy="surgical", output_dir=None)
+        surgical = replace(args, strategy="surgical", output_dir=None, report_to="none")  # (the outer run logs)
         student, history, data = model.active_adapter, [], train_dataset
         for round_ in range(1, args.self_train_rounds + 1):
             examples, record = self._round(model, data, eval_dataset, surgical, round_, accelerator)
