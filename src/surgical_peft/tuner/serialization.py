@@ -33,7 +33,7 @@ from safetensors.torch import save
 
 from ..blocks.paths import is_under
 from ..errors import InputError, few
-from ..files import kill_point, move_into_place, staging_inside
+from ..files import kill_point, move_into_place, reporting_full_disk, staging_inside
 from .fingerprint import hash_tensor
 
 __all__ = ["save_adapter"]
@@ -350,7 +350,8 @@ def save_adapter(
     them into a private staging directory inside `save_directory`, seals the weights (a checksum, a record of the
     config fields that give them their meaning, and the base model's label names), then renames each file over its
     final name: the weights, then `adapter_config.json`, then the model card, each fsynced before its rename and the
-    directory after it. Nothing else in `save_directory` is touched.
+    directory after it. Nothing else in `save_directory` is touched. A disk that fills up meanwhile raises an `OSError`
+    (ENOSPC) that says so, naming the directory and the space that was free, and leaves the directory as it was.
 
     Why this order: into an empty directory, the config comes last, so an adapter appears only once it is complete.
     Over an existing adapter, a kill between two renames leaves the new weights beside the old config; the weights
@@ -384,7 +385,8 @@ def save_adapter(
         raise InputError(f"Cannot save an adapter to {target}: it exists and is not a directory.")
     if not kwargs.get("safe_serialization", True):
         raise InputError("save_adapter writes safetensors only: safe_serialization=False (a pickle) is not supported.")
-    with staging_inside(target) as staging:
+    unchanged = "Nothing was written: the directory is as it was (an adapter there unchanged)."
+    with reporting_full_disk(target, "the adapter", then=unchanged), staging_inside(target) as staging:
         model.save_pretrained(str(staging), **kwargs)
         for weights in staging.rglob(SAFETENSORS_WEIGHTS_NAME):
             _seal(weights, label_names(model.get_base_model()))
