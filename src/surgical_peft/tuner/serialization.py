@@ -20,6 +20,7 @@ import json
 import math
 import os
 import struct
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -185,9 +186,10 @@ def _read_header(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def _without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object's pairs as a dict, refusing a name given twice (which another parser could read otherwise)."""
-    names = [name for name, _ in pairs]
-    if len(set(names)) < len(names):
-        raise json.JSONDecodeError(f"a name given twice in one object ({few(names)})", "", 0)
+    counts = Counter(name for name, _ in pairs)
+    repeated = [name for name, count in counts.items() if count > 1]
+    if repeated:
+        raise json.JSONDecodeError(f"a name given twice in one object: {few(repeated)}", "", 0)
     return dict(pairs)
 
 
