@@ -181,8 +181,9 @@ class SurgicalModel(BaseTuner):
         only the names that can match something of `model`; the config holds the full lists again afterwards.
 
         PEFT tries every name against every module, and condenses a long list with a search quadratic in its length:
-        1,000,000 names took hours. A name matches a path (a module's, or a container's tensor's) that it equals or
-        ends as after a dot, PEFT's rule, so a name that is no such ending of any path of `model` matches nothing."""
+        10,000 names took 8.6 s, 1,000,000 hung. A name matches a path (a module's, or a container's tensor's) that it
+        equals or ends as after a dot, PEFT's rule, so a name that is no such ending of any path of `model` matches
+        nothing."""
         lists = {name: getattr(config, name) for name in ("target_modules", "exclude_modules")}
         long = {name: names for name, names in lists.items() if isinstance(names, list) and len(names) > _LONG_LIST}
         if not long:
