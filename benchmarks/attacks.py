@@ -5,16 +5,19 @@ Areas:
 
 - A, adapter files on load: tampered `adapter_config.json` (every field with several bad values, broken JSON),
   damaged weights (non-finite, negative variance, flipped bytes, truncated, empty, missing, a `.bin`, wrong shapes,
-  keys and dtypes) and mismatched bases, each through `SurgicalConfig.from_pretrained`, `PeftConfig.from_pretrained`,
-  `PeftModel.from_pretrained(base, d)` and `model.load_adapter(d, adapter_name="x")`;
+  keys and dtypes, a header announcing 8 GB in a sparse file, a name given twice), millions of module names or a 10 MB
+  name, mismatched bases (a `modules_to_save` head for other labels too), each through
+  `SurgicalConfig.from_pretrained`, `PeftConfig.from_pretrained`, `PeftModel.from_pretrained(base, d)` and
+  `model.load_adapter(d, adapter_name="x")`;
 - B, saving: `save_adapter` and PEFT's `save_pretrained` into directories that hold other files, the working
   directory, a file, a nested missing path, a read-only directory, two writers at once, and processes killed at each
-  kill point of `save_adapter` (the private `_SURGICAL_PEFT_KILL_AT` hook of `surgical_peft.files`);
+  kill point of `save_adapter` (the private `_SURGICAL_PEFT_KILL_AT` hook of `surgical_peft.files`), and a disk
+  that fills up (a small tmpfs: the battery runs as root);
 - C, the command line through `surgical_peft.cli.main([...])` in-process: bad numbers for every numeric option of
   `train` and `rank`, unknown choices, missing or wrong paths, broken imagefolder datasets;
 - D, training: a non-finite loss, resuming with stray entries in `checkpoints/`, a damaged checkpoint, changed
-  settings, and runs killed mid-epoch or mid-checkpoint (`tests/kill_driver.py`) then resumed, compared tensor by
-  tensor with the uninterrupted run.
+  settings, runs killed mid-epoch or mid-checkpoint (`tests/kill_driver.py`) and a disk that fills up while a
+  checkpoint is written (a small tmpfs), then resumed, compared tensor by tensor with the uninterrupted run.
 
 Categories (one per attempt):
 
@@ -23,8 +26,8 @@ Categories (one per attempt):
   one-line message (argparse's usage error counts) and the output directory as it was;
 - documented: it did what the README or a docstring says (cited in the note), e.g. a valid adapter loads and
   reproduces the tuned model's logits to 1e-5;
-- crash: any other exception (a raw type, or an error that does not name the file), a traceback, a hang (no result
-  within the attempt's timeout) or a dead process;
+- crash: any other exception (a raw type, or an error that does not name the file), a message longer than
+  `LONGEST_MESSAGE` characters, a traceback, a hang (no result within the attempt's timeout) or a dead process;
 - silent: it went through when it should not have, or loaded values that differ from the adapter's;
 - modified: a failed call changed the model (tensors, `requires_grad`, hooks, attributes, the adapter list), removed
   or changed a user's file, or left a refused run's output behind; no complete adapter after a kill.
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import math
@@ -60,7 +64,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +111,12 @@ UNSEALED_VALUES = (
 ANOTHER_METHOD = "README 'Safety': a config naming another PEFT method is that method's adapter, read by PEFT's code"
 PEFT_SAVE = "README 'Safety': PEFT's own save_pretrained raises PEFT's errors (FileNotFoundError for an empty path)"
 LOADS_EXACTLY = "README 'How it works': a loaded adapter reproduces the tuned model's eval-mode logits to 1e-5"
+HEADER_ONLY = (
+    "SurgicalConfig.from_pretrained docstring: a config read checks the weights file's header only; the tensors are "
+    "checked when the adapter is added to a model"
+)
+LONGEST_MESSAGE = 2_000  # characters: an error message names a few values and the count, never a million of them
+MANY = [f"m{index}" for index in range(1_000_000)]  # module names of no module
 torch.set_num_threads(1)
 
 
@@ -136,6 +146,7 @@ class Fixtures:
     unsealed: Path  # PEFT's save_pretrained of the same adapter
     pickled: Path  # save_pretrained(safe_serialization=False): adapter_model.bin
     other: Path  # a sealed stage2 adapter, the "default" of the model that load_adapter attacks
+    head: Path  # a sealed stage1 adapter with a 3-label classifier in modules_to_save (labels cat, dog, bird)
     model_dir: Path  # a tiny ResNet for the 10 digit classes, saved with save_pretrained (the CLI's --model)
     cache: Path  # the shared --cache-dir of the built-in demo model
     reference: torch.Tensor  # eval logits of the trained stage1 adapter
@@ -238,6 +249,7 @@ def prepare(root: Path) -> None:
         root / "unsealed",
         root / "pickled",
         root / "other",
+        root / "head",
         root / "model",
         root / "cache",
         torch.empty(0),
@@ -252,6 +264,11 @@ def prepare(root: Path) -> None:
     other = trained("stage2")
     FIX.other_reference = logits_of(other)
     save_adapter(other, FIX.other)
+    head = build_model()
+    head.config.id2label = {0: "cat", 1: "dog", 2: "bird"}
+    head = get_peft_model(head, SurgicalConfig(block="stage1", modules_to_save=["classifier"]))
+    train(head, FIX.pixels)
+    save_adapter(head, FIX.head)
     digits = build_model(num_labels=10)
     digits.config.image_size = 32
     digits.save_pretrained(FIX.model_dir)
@@ -308,6 +325,37 @@ def tree(directory: Path) -> dict[str, bytes | None]:
     }
 
 
+class NoTmpfs(Exception):
+    """A tmpfs could not be mounted (the battery runs as root; a container may still forbid mounts)."""
+
+
+@contextlib.contextmanager
+def small_tmpfs(point: Path, size: int) -> Iterator[Callable[[int], None]]:
+    """A tmpfs of `size` bytes mounted at `point` (a real file system that fills up); yields `grow(size)`, which
+    frees space by remounting it larger. Unmounted on exit."""
+    point.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
+    if mount.returncode:
+        raise NoTmpfs(mount.stderr.decode().strip())
+
+    def grow(new_size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={new_size}", str(point)], check=True, capture_output=True)
+
+    try:
+        yield grow
+    finally:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def unmount_under(directory: Path) -> None:
+    """Unmount whatever an attempt killed on a timeout left mounted under `directory`."""
+    with contextlib.suppress(OSError):
+        points = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        for point in points:
+            if point.startswith(f"{directory}/"):
+                subprocess.run(["umount", "-l", point], capture_output=True)
+
+
 # ------------------------------------------------------------------------------------------------ the model's state
 def model_state(model: nn.Module) -> dict[str, Any]:
     """What a user can observe of a model: tensors, trainability flags, hooks, attributes."""
@@ -342,6 +390,8 @@ def classify_error(error: BaseException, names: list[str]) -> Outcome:
     """The library's `InputError` is a clear error (its note says when it does not name one of `names`, e.g. the
     file); another `ValueError` only if it names one of `names`; anything else is a crash."""
     kind, message = type(error).__name__, str(error)
+    if len(message) > LONGEST_MESSAGE:
+        return Outcome("crash", f"{kind} with a message of {len(message):,} characters: {short(message)}")
     named = not names or any(name in message for name in names)
     if isinstance(error, InputError):
         return Outcome("clear error", f"{kind}{'' if named else NOT_NAMED}: {short(message)}")
@@ -373,6 +423,7 @@ class Damage:
     source: str = "unsealed"  # "unsealed", "sealed" or "pickled": the adapter it starts from
     kind: str = "config"  # "config" (adapter_config.json) or "weights"
     needs_model: bool = False  # only a check against the model can refuse it (shapes, keys, the base)
+    in_data: bool = False  # only reading the tensors finds it (non-finite values, a seal's checksum)
     base: Callable[[], nn.Module] | None = None  # load onto another base (PeftModel.from_pretrained only)
     cite: str = ""  # a documented behaviour when it loads with other values than the adapter's
     config_check: Callable[[Any], str | None] | None = None  # a wrong value in a returned config, or None
@@ -390,11 +441,14 @@ def _load_config(entry: str, directory: Path, damage: Damage) -> Outcome:
     wrong = damage.config_check(config) if damage.config_check else None
     if wrong:
         return Outcome("silent", f"returned {type(config).__name__} with {wrong}")
-    reads_weights = entry.startswith("Surgical")
-    if damage.expect == "refuse" and not damage.needs_model and (damage.kind == "config" or reads_weights):
+    reads_header = entry.startswith("Surgical")
+    refusable = not damage.needs_model and not damage.in_data and (damage.kind == "config" or reads_header)
+    if damage.expect == "refuse" and refusable:
         return Outcome("silent", f"returned a {type(config).__name__} for a damaged adapter")
     if damage.expect == "refuse":
         why = "the check needs the model" if damage.needs_model else "PEFT's reader reads adapter_config.json only"
+        if reads_header and damage.in_data:
+            return Outcome("documented", f"returned a config ({HEADER_ONLY}; PeftModel.from_pretrained refuses it)")
         return Outcome(
             "documented",
             f"returned a config ({why}; SurgicalConfig.from_pretrained docstring lists "
@@ -504,6 +558,8 @@ def _field_values() -> dict[str, list[tuple[Any, str]]]:
             (["stage1", "stage1"], either),
             ("all", either),
             ("auto", either),
+            ("x" * 10_000_000, refuse),
+            (MANY, refuse),
         ],
         "target_modules": [
             (123, refuse),
@@ -518,6 +574,7 @@ def _field_values() -> dict[str, list[tuple[Any, str]]]:
             (["nope"], either),
             (None, either),
             ("x" * 100_000, either),
+            (MANY, refuse),
         ],
         "exclude_modules": [
             (123, refuse),
@@ -532,6 +589,7 @@ def _field_values() -> dict[str, list[tuple[Any, str]]]:
             ([1], refuse),
             ({}, refuse),
             (["classifier"], either),
+            (MANY[:1000], refuse),
         ],
         "delta_dtype": [
             ("float64", refuse),
@@ -594,6 +652,20 @@ def config_damages() -> list[Damage]:
         Damage(
             "block=None, target_modules='(.+)+Z' (catastrophic regex)",
             lambda d: edit_config(d, block=None, target_modules="(.+)+Z"),
+            "either",
+        ),
+        Damage(
+            "block=None, target_modules: 1,000,000 names",
+            lambda d: edit_config(d, block=None, target_modules=MANY),
+        ),
+        Damage(
+            "block=None, target_modules: 99,999 names of no module beside the tuned one",
+            lambda d: edit_config(d, block=None, target_modules=[*MANY[:99_999], "resnet.encoder.stages.0"]),
+            "either",
+        ),
+        Damage(
+            "exclude_modules: 99,999 names of no module",
+            lambda d: edit_config(d, exclude_modules=MANY[:99_999]),
             "either",
         ),
         Damage(
@@ -690,22 +762,62 @@ def _hostile_bin(directory: Path) -> None:
     torch.save({f"{CONV}": _Marker()}, directory / BIN)
 
 
+def _write_header(path: Path, header: dict[str, Any], data_bytes: int) -> None:
+    """Rewrite `path` as a safetensors file with `header` and `data_bytes` of zeros, left sparse (a hole, as
+    `truncate` makes it: no disk space taken)."""
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as file:
+        file.write(struct.pack("<Q", len(text)) + text)
+    os.truncate(path, 8 + len(text) + data_bytes)
+
+
+def _announce_8_gb(key: str) -> Callable[[Path], None]:
+    """The weights file's header announces `key` as 8.6 GB of float32, the data region sized to match (sparse)."""
+
+    def apply(directory: Path) -> None:
+        _, header = header_of(directory / WEIGHTS)
+        metadata = header.pop("__metadata__", None)
+        header[key] = {"dtype": "F32", "shape": [8, 8, 3, 11_184_811], "data_offsets": [0, 0]}
+        end = 0
+        for entry in sorted(header.values(), key=lambda entry: entry["data_offsets"][0]):
+            size = {"F32": 4, "I64": 8}[entry["dtype"]] * math.prod(entry["shape"])
+            entry["data_offsets"], end = [end, end + size], end + size
+        _write_header(directory / WEIGHTS, {**header, **({"__metadata__": metadata} if metadata else {})}, end)
+
+    return apply
+
+
+def _name_twice(directory: Path) -> None:
+    """A second entry for CONV after the first, announcing 8.6 GB (a parser that keeps the first name sees a valid
+    file, one that keeps the last sees the bomb)."""
+    data = (directory / WEIGHTS).read_bytes()
+    length, _ = header_of(directory / WEIGHTS)
+    entry = json.dumps(
+        {"dtype": "F32", "shape": [8, 8, 3, 11_184_811], "data_offsets": [0, 4 * 8 * 8 * 3 * 11_184_811]}
+    )
+    text = data[8 : 8 + length].rstrip()[:-1] + f', "{CONV}": {entry}}}'.encode()
+    text += b" " * (-len(text) % 8)
+    (directory / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+
+
 def weights_damages() -> list[Damage]:
     weights = {"kind": "weights"}
+    data = {"kind": "weights", "in_data": True}
     model = {"kind": "weights", "needs_model": True}
     unsealed_flip = (
         "README 'Safety' and serialization.py docstring: only save_adapter seals (checksums) the "
         "weights; files written by PEFT's save_pretrained have no checksum and still load"
     )
     return [
-        Damage("NaN in a tensor", _first_float(lambda t: t * float("nan")), **weights),
-        Damage("+inf in a tensor", _first_float(lambda t: torch.full_like(t, float("inf"))), **weights),
+        Damage("NaN in a tensor", _first_float(lambda t: t * float("nan")), **data),
+        Damage("+inf in a tensor", _first_float(lambda t: torch.full_like(t, float("inf"))), **data),
         Damage(
             "-inf in one value",
             _first_float(lambda t: t.flatten().index_fill(0, torch.tensor([0]), -float("inf")).view_as(t)),
-            **weights,
+            **data,
         ),
-        Damage("NaN in running_var", _set_tensor(RUNNING_VAR, lambda t: t * float("nan")), **weights),
+        Damage("NaN in running_var", _set_tensor(RUNNING_VAR, lambda t: t * float("nan")), **data),
         Damage("negative running_var", _set_tensor(RUNNING_VAR, lambda t: t - 100.0), **model),
         Damage(
             "huge finite values (1e38)",
@@ -718,19 +830,19 @@ def weights_damages() -> list[Damage]:
             "sealed, a flipped byte in num_batches_tracked",
             lambda d: set_byte(d / WEIGHTS, TRACKED, 2),
             source="sealed",
-            **weights,
+            **data,
         ),
         Damage(
             "sealed, a flipped byte in a weight",
             lambda d: set_byte(d / WEIGHTS, CONV, 0, 0x01),
             source="sealed",
-            **weights,
+            **data,
         ),
         Damage(
             "sealed, the checksum edited",
             lambda d: rewrite_metadata(d / WEIGHTS, surgical_tensors_sha256="0" * 64),
             source="sealed",
-            **weights,
+            **data,
         ),
         Damage(
             "sealed, the record not JSON",
@@ -780,6 +892,19 @@ def weights_damages() -> list[Damage]:
             lambda d: (d / WEIGHTS).write_bytes(struct.pack("<Q", 2**60) + b"{}"),
             **weights,
         ),
+        Damage("a header announcing an 8 GB tensor (a sparse file)", _announce_8_gb(CONV), **model),
+        Damage(
+            "a header announcing an 8 GB tensor of no module (a sparse file)",
+            _announce_8_gb(f"{PREFIX}resnet.nothing.weight"),
+            **model,
+        ),
+        Damage(
+            "sealed, a header announcing an 8 GB tensor (a sparse file)",
+            _announce_8_gb(CONV),
+            source="sealed",
+            **model,
+        ),
+        Damage("a header naming a tensor twice", _name_twice, **weights),
         Damage("weights file missing", lambda d: (d / WEIGHTS).unlink(), **weights),
         Damage("weights file is a directory", lambda d: ((d / WEIGHTS).unlink(), (d / WEIGHTS).mkdir()), **weights),
         Damage(
@@ -843,6 +968,13 @@ def base_damages() -> list[Damage]:
         Damage("onto a float64 base", lambda d: None, base=lambda: build_model().double(), **only),
         Damage("onto a bfloat16 base", lambda d: None, base=lambda: build_model().to(torch.bfloat16), **only),
         Damage("onto a base with 5 labels", lambda d: None, base=lambda: build_model(num_labels=5), **only),
+        Damage(
+            "a 3-label modules_to_save head onto a base with 5 labels",
+            lambda d: None,
+            source="head",
+            base=_five_labels,
+            **only,
+        ),
         Damage("onto a base with one weight nudged", lambda d: None, base=_nudged_base, **only),
         Damage(
             "sealed, onto another base (seed 1)",
@@ -852,6 +984,31 @@ def base_damages() -> list[Damage]:
             **only,
         ),
     ]
+
+
+def _five_labels() -> nn.Module:
+    model = build_model(num_labels=5)
+    model.config.id2label = dict(enumerate(["ant", "bee", "cow", "eel", "fox"]))
+    return model
+
+
+def _head_onto_five_labels(work: Path) -> Outcome:
+    """load_adapter of the 3-label head adapter into a model of a 5-label base with a head adapter of its own."""
+    model = get_peft_model(_five_labels(), SurgicalConfig(block="stage2", modules_to_save=["classifier"]))
+    view, state = _adapter_view(model), model_state(model)
+    configs = {name: config.to_dict() for name, config in model.peft_config.items()}
+    try:
+        model.load_adapter(str(FIX.head), adapter_name="x")
+    except BaseException as error:
+        after = _adapter_view(model)
+        changes = [k for k in ("adapters", "active", "layers") if after[k] != view[k]]
+        changes += ["the logits"] if not torch.equal(after["logits"], view["logits"]) else []
+        changes += state_changes(state, model_state(model))
+        changes += ["peft_config"] if {n: c.to_dict() for n, c in model.peft_config.items()} != configs else []
+        if changes:
+            return Outcome("modified", f"raised {type(error).__name__} but changed {'; '.join(changes)}")
+        return classify_error(error, [str(FIX.head)])
+    return Outcome("silent", "load_adapter took a 3-label head into a 5-label model without an error")
 
 
 def _nudged_base() -> nn.Module:
@@ -908,6 +1065,9 @@ def area_a() -> list[Attempt]:
             name = f"{damage.source} adapter, {damage.name} -> {entry}"
             attempts.append(Attempt("A", name, load_attempt(damage, entry), timeout=60))
     attempts.append(Attempt("A", "verify_base=False by the caller onto another base", _verify_base_false_by_caller))
+    attempts.append(
+        Attempt("A", "head adapter, a 3-label modules_to_save head -> load_adapter (5 labels)", _head_onto_five_labels)
+    )
     return [*attempts, *_load_adapter_names()]
 
 
@@ -1317,7 +1477,30 @@ def area_b() -> list[Attempt]:
     attempts.append(Attempt("B", "stale staging of a dead writer", _stale_staging(alive=False)))
     attempts.append(Attempt("B", "staging of a live writer", _stale_staging(alive=True)))
     attempts.append(Attempt("B", "three saves of one adapter", _byte_identical))
+    attempts.append(Attempt("B", "save_adapter over an adapter on a full disk (tmpfs)", _save_onto_full_tmpfs))
     return attempts
+
+
+def _save_onto_full_tmpfs(work: Path) -> Outcome:
+    """save_adapter of adapter B over adapter A on a tmpfs with 12 kB left (B's weights alone are 18 kB)."""
+    disk = work / "disk"
+    try:
+        with small_tmpfs(disk, 256 * 1024):
+            directory = disk / "adapter"
+            shutil.copytree(FIX.sealed, directory)
+            before = user_files(directory)
+            (disk / "filler").write_bytes(b"x" * (shutil.disk_usage(disk).free - 12_000))
+            try:
+                save_adapter(loaded_model("B"), directory)
+            except BaseException as error:
+                if tree(directory) != before:
+                    return Outcome("modified", f"raised {type(error).__name__} and changed the directory")
+                if isinstance(error, OSError) and error.errno == errno.ENOSPC and str(directory) in str(error):
+                    return Outcome("clear error", f"OSError: {short(str(error))}; adapter A and the user's files kept")
+                return classify_error(error, [str(directory)])
+            return Outcome("harness", "the save fit on the disk: nothing was attacked")
+    except NoTmpfs as error:
+        return Outcome("harness", f"cannot mount a tmpfs: {error}")
 
 
 def _pickle_save(work: Path) -> Outcome:
@@ -1890,6 +2073,38 @@ def _finished_then(change: Callable[[Path], None], expect: str, *extra: str) -> 
     return run
 
 
+def _checkpoint_onto_full_tmpfs(work: Path) -> Outcome:
+    """A run whose output directory is on a tmpfs that holds one checkpoint, not two: the second checkpoint fills
+    it. Then the tmpfs grows (space freed) and the run is rerun."""
+    checkpoint = next((FIX.root / "reference" / "run" / "checkpoints").iterdir())
+    size = sum(path.stat().st_size for path in checkpoint.iterdir())
+    output = work / "disk" / "run"
+    try:
+        with small_tmpfs(work / "disk", size * 3 // 2) as grow:
+            code, escaped, _, stderr = _run_main(resume_argv(output, 2))
+            lines = [line for line in stderr.splitlines() if "error:" in line]
+            if escaped is not None or "Traceback (most recent" in stderr or code != 2 or not lines:
+                what = f"{type(escaped).__name__}: {escaped}" if escaped else stderr[-300:]
+                return Outcome("crash", f"exit {code}: {short(what)}")
+            if "No space left on device" not in lines[-1] or str(output) not in lines[-1]:
+                return Outcome(
+                    "crash", f"exit 2, but the line does not say the disk is full where: {short(lines[-1])}"
+                )
+            grow(size * 10)
+            code, escaped, _, stderr = _run_main(resume_argv(output, 2))
+            if escaped is not None or code != 0:
+                return Outcome("crash", f"the rerun after freeing space failed (exit {code}): {short(stderr[-300:])}")
+            differ = identical(output)
+    except NoTmpfs as error:
+        return Outcome("harness", f"cannot mount a tmpfs: {error}")
+    if differ:
+        return Outcome("silent", f"the rerun after freeing space differs from the uninterrupted run: {differ[:3]}")
+    return Outcome(
+        "clear error",
+        f"exit 2: {short(lines[-1], 250)}; after freeing space the rerun is bit-identical to the uninterrupted run",
+    )
+
+
 def _truncate_latest(output: Path) -> None:
     path = next((output / "checkpoints").glob("checkpoint_*/model.safetensors"))
     path.write_bytes(path.read_bytes()[:100])
@@ -1966,6 +2181,9 @@ def area_d() -> list[Attempt]:
         Attempt(
             "D", "SIGKILL while saving the final adapter, then rerun", _killed_then_resumed({KILL_HOOK: "staged"}), 500
         ),
+        Attempt(
+            "D", "disk full while writing the 2nd checkpoint (tmpfs), then rerun", _checkpoint_onto_full_tmpfs, 400
+        ),
     ]
     return attempts
 
@@ -2024,7 +2242,9 @@ def write_report(results: list[dict[str, Any]], seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--area", action="append", choices=sorted(AREAS), help="run only this area (repeatable)")
-    parser.add_argument("--match", help="run only the attempts whose name contains this")
+    parser.add_argument(
+        "--match", action="append", help="run only the attempts whose name contains this (repeatable: any of them)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--verbose", action="store_true", help="print every attempt's outcome as it comes")
     args = parser.parse_args(argv)
@@ -2035,7 +2255,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(root)
         areas = {"A": area_a, "B": area_b, "C": area_c, "D": area_d}
         attempts = [a for key in (args.area or AREAS) for a in areas[key]()]
-        attempts = [a for a in attempts if args.match is None or args.match in a.name]
+        attempts = [a for a in attempts if args.match is None or any(text in a.name for text in args.match)]
         if any(a.area == "D" for a in attempts):
             (root / "reference").mkdir()
             print(execute(Attempt("D", "reference", _reference, 400), root / "reference").note)
@@ -2056,6 +2276,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": seconds,
                 }
             )
+            unmount_under(work)
             shutil.rmtree(work, ignore_errors=True)
             if args.verbose:
                 tqdm.write(f"[{outcome.category}] ({seconds} s) {attempt.name}: {outcome.note}", file=sys.stdout)

@@ -418,7 +418,7 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
     "missing key": (lambda path: rewrite(path, lambda t: t.pop(first_float(t))), "missing 1 tensor"),
     "extra key": (
         lambda path: rewrite(path, lambda t: t.update({f"{PREFIX}resnet.extra.weight": torch.zeros(2)})),
-        "1 tensor\\(s\\) this model's tuned modules do not have",
+        "1 tensor\\(s\\) this model does not have",
     ),
 }
 

@@ -18,8 +18,12 @@ Example:
 from __future__ import annotations
 
 import shlex
+from collections.abc import Collection
+from itertools import islice
 
-__all__ = ["InputError", "Interrupted", "NotAPeftConfigError", "SurgicalPeftError", "TrainingError"]
+__all__ = ["InputError", "Interrupted", "NotAPeftConfigError", "SurgicalPeftError", "TrainingError", "few"]
+
+_SHOWN_CHARACTERS = 100  # of one value in a message
 
 
 class SurgicalPeftError(Exception):
@@ -50,3 +54,20 @@ class Interrupted(SurgicalPeftError):
             "interrupted: the last complete checkpoint is run/checkpoint_0. To resume: train 'x y'"
         """
         return f"interrupted: {self} To resume: {shlex.join(command)}"
+
+
+def few(values: Collection[object], limit: int = 3) -> str:
+    """`values` as a message names them: the first `limit`, each cut to 100 characters, and the count if there are
+    more (a list of a million module names, or a 10 MB name, reads as one line).
+
+    Example:
+        >>> few(["stage1", "stage2"])
+        "'stage1', 'stage2'"
+        >>> few([f"m{index}" for index in range(1_000_000)])
+        "'m0', 'm1', 'm2', ... (1,000,000 in all)"
+        >>> len(few(["x" * 10_000_000]))
+        100
+    """
+    shown = [format(repr(value), f".{_SHOWN_CHARACTERS}") for value in islice(values, limit)]
+    more = f", ... ({len(values):,} in all)" if len(values) > limit else ""
+    return ", ".join(shown) + more

@@ -6,6 +6,8 @@
   then renamed one by one over their final names (`os.replace`, atomic on POSIX), each fsynced before its rename and
   the directory after it. Nothing else in the target directory is touched, and the staging directory of a killed
   earlier writer is removed by the next one.
+- `reporting_full_disk`: a write that fails for lack of space is reported as such (`OSError` ENOSPC), naming the path,
+  the space it needed and the space that was free, whatever error the writer raised.
 
 Example:
     >>> import tempfile
@@ -25,20 +27,23 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["fsync", "move_into_place", "staged_directory", "staging_inside"]
+__all__ = ["fsync", "move_into_place", "reporting_full_disk", "staged_directory", "staging_inside"]
 
 _STAGING_PREFIX = ".surgical-staging-"
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")  # the OS's words, in errors of other types
 _KILL_AT = "_SURGICAL_PEFT_KILL_AT"  # private test hook: the step at which the process kills itself (see `kill_point`)
 
 
@@ -150,3 +155,64 @@ def move_into_place(directory: Path, moves: list[tuple[Path, str]]) -> None:
             kill_point(f"after {name}")
     finally:
         os.close(lock)  # releases the lock
+
+
+def _free_bytes(path: Path) -> int:
+    """The space free to this user on the file system that holds `path` (or, if it does not exist yet, its parent)."""
+    existing = next(candidate for candidate in (path, *path.parents) if candidate.exists())
+    return shutil.disk_usage(existing).free
+
+
+def _says_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, reports a full disk (or quota)."""
+    while error is not None:
+        if getattr(error, "errno", None) in _FULL_ERRNOS or any(text in str(error) for text in _FULL_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _amount(count: int) -> str:
+    """`count` bytes as a message says it, e.g. `83.5 kB`."""
+    if count < 1000:
+        return f"{count} bytes"
+    exponent = min(len(str(count)) - 1, 9) // 3  # 1: kB, 2: MB, 3: GB
+    return f"{count / 1000**exponent:.1f} {('kB', 'MB', 'GB')[exponent - 1]}"
+
+
+@contextmanager
+def reporting_full_disk(
+    path: Path, what: str, needed: Callable[[], int] | None = None, then: str = ""
+) -> Iterator[None]:
+    """Report a write of `what` into `path` that fails for lack of space as `OSError(ENOSPC)`, with a message that
+    names `path`, the space the write needs (`needed()`, an estimate in bytes, asked for only on failure; else "more
+    than what was free") and the space that was free before it, followed by `then` (what the caller left behind).
+
+    Writers report a full disk in their own ways: Python's as an `OSError` (ENOSPC), safetensors' as a
+    `SafetensorError` holding the OS's words, PyTorch's zip writer (`torch.save`) as `RuntimeError: [enforce fail at
+    inline_container.cc:...] . unexpected pos ...`, which names no cause; an error counts as a full disk where it or
+    its cause says so, or where less than `needed()` is left free once it failed (a write that ran out of space
+    leaves the file system full). Any other error passes through unchanged.
+
+    Example:
+        >>> import tempfile
+        >>> with reporting_full_disk(Path(tempfile.gettempdir()), "the notes", then="Nothing was written."):
+        ...     raise OSError(errno.ENOSPC, "No space left on device")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        OSError: [Errno 28] No space left on device: writing the notes into /... needs more than the ... free ...
+    """
+    free = _free_bytes(path)
+    try:
+        yield
+    except Exception as error:
+        estimate = needed() if needed is not None else None
+        if not (_says_full(error) or (estimate is not None and _free_bytes(path) < estimate)):
+            raise
+        need = (
+            f"about {_amount(estimate)}, and {_amount(free)} were"
+            if estimate
+            else f"more than the {_amount(free)} that were"
+        )
+        message = f"writing {what} into {path} needs {need} free on its file system. {then}".rstrip()
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {message}") from error

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, few
 from .paths import is_under
 
 __all__ = ["BlockEntry", "BlockMap", "format_bytes", "format_count", "num_parameters", "parameters_under"]
@@ -84,10 +84,7 @@ class BlockMap(dict[str, tuple[str, ...]]):
         """Module paths of `blocks`, in forward order; unknown names raise an `InputError` listing the valid ones."""
         unknown = [block for block in blocks if block not in self]
         if unknown:
-            raise InputError(
-                f"Unknown block {', '.join(map(repr, unknown))} for {self.model_name}. "
-                f"Valid blocks: {', '.join(self)}."
-            )
+            raise InputError(f"Unknown block {few(unknown)} for {self.model_name}. Valid blocks: {', '.join(self)}.")
         return [module for block in self for module in self[block] if block in blocks]
 
     def block_of(self, module_path: str) -> str | None:

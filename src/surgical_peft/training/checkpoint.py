@@ -4,7 +4,9 @@ checkpoint complete.
 
 From the first epoch on, a complete checkpoint exists at every instant, whenever the process is killed: a new one is
 written, flushed to disk (fsync), marked complete by its progress file (written to a temporary file, flushed and
-renamed into place), and only then are the older ones deleted. A rerun resumes from the newest complete checkpoint;
+renamed into place), and only then are the older ones deleted. A disk that fills up while a checkpoint is written
+raises an `OSError` (ENOSPC) that says so, naming the checkpoint, about how much it needs and how much was free; the
+incomplete checkpoint is removed. A rerun resumes from the newest complete checkpoint;
 incomplete ones (no progress file) are never read, and entries of `checkpoints/` that are not `checkpoint_<n>`
 directories (`.DS_Store`, a `checkpoint_backup/` of the user's) are left alone, as is a `checkpoint_<n>` directory
 holding anything a checkpoint does not (a user's `notes.txt`: a warning says so).
@@ -28,13 +30,15 @@ import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from accelerate import Accelerator
 
 from ..errors import InputError
-from ..files import fsync, move_into_place
+from ..files import fsync, move_into_place, reporting_full_disk
 from ..tuner.layer import deduplicate_state_dict
 
 if TYPE_CHECKING:
@@ -161,6 +165,30 @@ def _deduplicate(models: list[Any], state_dicts: list[dict[str, Any]], output_di
         deduplicate_state_dict(model, state_dict)
 
 
+_FREED = (
+    "The incomplete checkpoint was removed; free some space and rerun: the run resumes from its last complete one."
+)
+
+
+def _checkpoint_bytes(accelerator: Accelerator, output_dir: str | os.PathLike[str]) -> int:
+    """About what `save_state` writes: the size of the newest complete checkpoint, or before the first one the bytes
+    of the prepared models' tensors and of the optimizers' states (this process's: no collective call, which could
+    wait forever where only one process failed)."""
+    latest = latest_checkpoint(output_dir)
+    if latest is not None:
+        return sum(path.stat().st_size for path in latest[0].rglob("*") if path.is_file())
+    tensors = [t for model in accelerator._models for t in chain(model.parameters(), model.buffers())]
+    states = (
+        value
+        for optimizer in accelerator._optimizers
+        for state in optimizer.state.values()
+        for value in state.values()
+    )
+    tensors += [value for value in states if isinstance(value, torch.Tensor)]
+    unique = {id(tensor): tensor for tensor in tensors}.values()  # (tied weights are saved once)
+    return sum(tensor.numel() * tensor.element_size() for tensor in unique)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike[str], progress: Progress) -> Path:
     """Save model, optimizer and RNG states as checkpoint `progress.number`, mark it complete, then delete the older
     checkpoints. Every process calls it; the main process writes the progress file and deletes. Returns its path."""
@@ -170,7 +198,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike[str]
     accelerator.wait_for_everyone()
     hook = accelerator.register_save_state_pre_hook(_deduplicate)
     try:
-        accelerator.save_state(output_dir=str(checkpoint))
+        with reporting_full_disk(
+            checkpoint, "the checkpoint", lambda: _checkpoint_bytes(accelerator, output_dir), _FREED
+        ):
+            accelerator.save_state(output_dir=str(checkpoint))
+    except Exception:
+        if accelerator.is_main_process and checkpoint.exists():  # incomplete: never read; its space is freed
+            _remove(checkpoint)
+        raise
     finally:
         hook.remove()
     accelerator.wait_for_everyone()  # every process has written its part

@@ -21,7 +21,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, Peft
 from ..blocks.names import AUTO
 from ..blocks.paths import is_under
 from ..criteria import CRITERIA
-from ..errors import InputError, NotAPeftConfigError
+from ..errors import InputError, NotAPeftConfigError, few
 from .fingerprint import check_fingerprint_format
 from .serialization import KEY_PREFIX, RECORDED_FIELDS, read_adapter_file
 
@@ -29,6 +29,10 @@ __all__ = ["BIAS_CHOICES", "DELTA_DTYPES", "SurgicalConfig", "read_saved_config"
 
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
 BIAS_CHOICES = ("surgical_only", "all")
+# Bounds on the fields that name modules, far above what a model needs, so that a config (a file's, too) with millions
+# of names or a 10 MB name is refused at once. PEFT compiles a regex per name of modules_to_save for every module.
+_MAX_NAMES = {"block": 100_000, "target_modules": 100_000, "exclude_modules": 100_000, "modules_to_save": 100}
+_MAX_CHARACTERS = 100_000  # of one name or regular expression
 
 
 @dataclass
@@ -158,10 +162,12 @@ class SurgicalConfig(PeftConfig):
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
     ) -> SurgicalConfig:
         """`PeftConfig.from_pretrained`, checked before `PeftModel.from_pretrained` (which loads the config first)
-        changes the model: the config's fields, and the whole weights file where there is one (complete, finite and,
-        for a file sealed by `save_adapter`, its checksum; the fields it records win over an `adapter_config.json` that
-        disagrees). A directory with the config alone (`config.save_pretrained`) reads as a config; loading it as an
-        adapter is refused if the config records the base it was trained on (`check_weights_present`).
+        changes the model: the config's fields, and the weights file's header where there is one (complete, and for a
+        file sealed by `save_adapter`, the fields it records, which win over an `adapter_config.json` that disagrees).
+        No tensor is read here: a header may announce any size, so the tensors are checked against the model, then read
+        and checked (finite, the seal's checksum), when the adapter is added to a model. A directory with the config
+        alone (`config.save_pretrained`) reads as a config; loading it as an adapter is refused if the config records
+        the base it was trained on (`check_weights_present`).
 
         Example:
             >>> import tempfile
@@ -301,12 +307,28 @@ def read_saved_config(cls: type, path_json_file: str | os.PathLike) -> dict[str,
     return None
 
 
+def _check_sizes(values: Mapping[str, Any]) -> None:
+    """An `InputError` if a field that names modules lists more names than `_MAX_NAMES` allows, or holds a name (or
+    regular expression) longer than `_MAX_CHARACTERS`."""
+    for name, limit in _MAX_NAMES.items():
+        value = values.get(name)
+        if isinstance(value, list) and len(value) > limit:
+            raise InputError(f"{name} lists {len(value):,} names ({few(value)}); at most {limit:,} are allowed.")
+        items = value if isinstance(value, list) else [value]
+        longest = max((len(item) for item in items if isinstance(item, str)), default=0)
+        if longest > _MAX_CHARACTERS:
+            shown = few([item for item in items if isinstance(item, str) and len(item) == longest])
+            raise InputError(
+                f"{name} holds a name of {longest:,} characters ({shown}); at most {_MAX_CHARACTERS:,} are allowed."
+            )
+
+
 def _check_patterns(name: str, value: Any) -> None:
     if isinstance(value, str):
         try:
             re.compile(value)
         except re.error as error:
-            raise InputError(f"{name} is not a valid regular expression: {value!r} ({error}).") from error
+            raise InputError(f"{name} is not a valid regular expression: {few([value])} ({error}).") from error
     elif value is not None and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
         raise InputError(f"{name} must be a regex string, a list of module names or null, got {value!r:.100}.")
 
@@ -320,6 +342,7 @@ def check_fields(values: Mapping[str, Any]) -> None:
         ...
         surgical_peft.errors.InputError: target_modules is not a valid regular expression: '([' (...).
     """
+    _check_sizes(values)
     block = values.get("block")
     valid_list = isinstance(block, list) and block and all(isinstance(name, str) for name in block)
     if block is not None and not isinstance(block, str) and not valid_list:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..blocks import ALL, AUTO, BlockMap, is_under, list_blocks
 from ..blocks.paths import from_key, join, to_key
-from ..errors import InputError
+from ..errors import InputError, few
 from ._internals import (
     DUMMY_TARGET_MODULES,
     NORMS_WITH_RUNNING_STATS,
@@ -29,10 +29,20 @@ from .fingerprint import check_fingerprint, fingerprint
 from .layer import SurgicalLayer, owned_tensors
 from .precision import Upcasts
 from .quantized import FullPrecisionBlocks
-from .serialization import KEY_PREFIX, check_delta_state_dict, check_finite
+from .serialization import (
+    KEY_PREFIX,
+    check_announced,
+    check_delta_state_dict,
+    check_finite,
+    check_weights_data,
+    label_names,
+    weights_file,
+)
 from .targets import bias_targets, owns_loose_tensors, targets_saved_in_full, tensor_targets
 
 __all__ = ["SurgicalModel"]
+
+_LONG_LIST = 100  # names in target_modules or exclude_modules beyond which only those that can match are matched
 
 
 class SurgicalModel(BaseTuner):
@@ -96,6 +106,7 @@ class SurgicalModel(BaseTuner):
         saved = config.base_fingerprint is not None or config.saved_modules is not None  # weights to come from a file
         if saved and config.verify_base:  # first: another model has other blocks
             self._check_base(config, current)
+        self._check_saved_file(model, config)
         self._resolve_blocks(config, blocks)
         self._pending_targets = []
         if not self._requires_grad_before:  # before PEFT's injection, which already switches adapters
@@ -104,11 +115,12 @@ class SurgicalModel(BaseTuner):
         # whether the adapters already there are trainable.
         inference_modes = {name: other.inference_mode for name, other in self.peft_config.items()}
         self._adapter_modules[adapter_name] = []
-        tensors = tensor_targets(model, config)
         try:
-            with self._tensors_only(model, config, tensors):
-                super().inject_adapter(model, adapter_name, **kwargs)
-            self._add_layers(model, adapter_name, config, tensors)
+            with self._matchable_names_only(model, config):
+                tensors = tensor_targets(model, config)
+                with self._tensors_only(model, config, tensors):
+                    super().inject_adapter(model, adapter_name, **kwargs)
+                self._add_layers(model, adapter_name, config, tensors)
         except Exception as error:
             self._restore_inference_modes(inference_modes)  # before `_forget` sets the others' flags again
             self._forget(adapter_name)  # PEFT's injection has already set requires_grad flags: undo everything
@@ -165,6 +177,44 @@ class SurgicalModel(BaseTuner):
             yield
         finally:
             config.target_modules = target_modules
+
+    @contextlib.contextmanager
+    def _matchable_names_only(self, model: nn.Module, config: SurgicalConfig) -> Iterator[None]:
+        """While PEFT matches a long list `target_modules` or `exclude_modules` (over `_LONG_LIST` names), they hold
+        only the names that can match something of `model`; the config holds the full lists again afterwards.
+
+        PEFT tries every name against every module, and condenses a long list with a search quadratic in its length:
+        10,000 names took 8.6 s, 1,000,000 hung. A name matches a path (a module's, or a container's tensor's) that it
+        equals or ends as after a dot, PEFT's rule, so a name that is no such ending of any path of `model` matches
+        nothing."""
+        lists = {name: getattr(config, name) for name in ("target_modules", "exclude_modules")}
+        long = {name: names for name, names in lists.items() if isinstance(names, list) and len(names) > _LONG_LIST}
+        if not long:
+            yield
+            return
+        paths = [key for key, _ in model.named_modules() if key] + list(model.state_dict(keep_vars=True))
+        split = (path.split(".") for path in paths)
+        endings = {".".join(parts[start:]) for parts in split for start in range(len(parts))}
+        kept = {name: [entry for entry in names if entry in endings] for name, names in long.items()}
+        if kept.get("target_modules") == []:
+            raise NoMatchingPeftModuleError(
+                f"Target modules {few(long['target_modules'])} not found in the base model. Please check the target "
+                "modules and try again."
+            )
+        if kept.get("exclude_modules") == []:  # PEFT's warning, which would list every name
+            warnings.warn(
+                f"You have passed exclude_modules={few(long['exclude_modules'])} but no modules were excluded. Please "
+                "check that exclude_modules was set correctly.",
+                stacklevel=4,
+            )
+            kept["exclude_modules"] = None
+        for name, names in kept.items():
+            setattr(config, name, names)
+        try:
+            yield
+        finally:
+            for name, names in long.items():
+                setattr(config, name, names)
 
     def _add_layers(self, model: nn.Module, adapter_name: str, config: SurgicalConfig, tensors: list[str]) -> None:
         """Give every module with tensors under the targets PEFT matched a layer, and every targeted tensor of a
@@ -227,15 +277,17 @@ class SurgicalModel(BaseTuner):
             )
         if not blocks.structural:
             raise InputError(
-                f"{blocks.model_name} has no block map, so block={config.block!r} cannot be resolved. Pass "
+                f"{blocks.model_name} has no block map, so block {few(config.blocks)} cannot be resolved. Pass "
                 f"`target_modules` instead (module names or a regex). {self._choices(blocks)}"
             )
         names = list(blocks) if config.blocks == [ALL] else config.blocks
         resolved = blocks.target_modules(names)
-        if config.target_modules is not None and config.target_modules != resolved:
+        recorded = config.target_modules
+        if recorded is not None and recorded != resolved:
+            shown = few(recorded if isinstance(recorded, list) else [recorded])
             raise InputError(
-                f"block={config.block!r} resolves to {resolved} on this {blocks.model_name}, but the config records "
-                f"target_modules={config.target_modules}; pass only one of them."
+                f"block {few(config.blocks)} resolves to {resolved} on this {blocks.model_name}, but the config "
+                f"records target_modules {shown}; pass only one of them."
             )
         config.target_modules = resolved
 
@@ -247,6 +299,19 @@ class SurgicalModel(BaseTuner):
         """Fingerprint of the base weights (snapshots where an adapter is loaded), skipping `modules_to_save`."""
         if self._base_fingerprint is not None and not config.modules_to_save:
             return self._base_fingerprint
+        block_tensors: dict[str, dict[str, torch.Tensor]] = {block: {} for block in blocks}
+        for path, tensor in self._base_tensors(model).items():
+            block = blocks.block_of(path)
+            if block is not None and not is_under(path, config.modules_to_save or []):
+                block_tensors[block][path] = tensor
+        result = fingerprint(blocks.model_name, block_tensors)
+        if not config.modules_to_save:
+            self._base_fingerprint = result
+        return result
+
+    def _base_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every tensor of the base model by its path, as before any adapter: the snapshots where a layer keeps one,
+        the original module of a `modules_to_save` wrapper (under the wrapper's path; its copies are left out)."""
         wrappers = [f"{name}." for name, _ in self._auxiliary_modules()]
         base = {}
         for path, tensor in self._full_precision.as_loaded(model.state_dict(keep_vars=True)).items():
@@ -256,15 +321,19 @@ class SurgicalModel(BaseTuner):
                     continue
                 path = wrapper + path.removeprefix(f"{wrapper}original_module.")
             base[path] = tensor if self._full_precision.holds(path) else self._base_tensor(path, tensor)
-        block_tensors: dict[str, dict[str, torch.Tensor]] = {block: {} for block in blocks}
-        for path, tensor in base.items():
-            block = blocks.block_of(path)
-            if block is not None and not is_under(path, config.modules_to_save or []):
-                block_tensors[block][path] = tensor
-        result = fingerprint(blocks.model_name, block_tensors)
-        if not config.modules_to_save:
-            self._base_fingerprint = result
-        return result
+        return base
+
+    def _check_saved_file(self, model: nn.Module, config: SurgicalConfig) -> None:
+        """For an adapter read from a directory, check its weights file against `model` before anything changes: what
+        its header announces first (each tensor one of the model's, with its shape and dtype: nothing is read yet, so
+        a header announcing 8 GB is refused at no cost), then its data (now at most the model's size)."""
+        weights = weights_file(config.loaded_from) if config.loaded_from is not None else None
+        if weights is None:
+            return
+        expected = {KEY_PREFIX + path: tensor for path, tensor in self._base_tensors(model).items()}
+        heads = config.modules_to_save or []
+        check_announced(weights, expected, config.delta_torch_dtype, heads, label_names(model))
+        check_weights_data(weights)
 
     def _base_tensor(self, path: str, live: torch.Tensor) -> torch.Tensor:
         """The base snapshot of the tensor at `path` where a layer keeps one, else `live` (the tensor itself)."""
