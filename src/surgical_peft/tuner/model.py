@@ -28,7 +28,7 @@ from .config import SurgicalConfig
 from .fingerprint import check_fingerprint, fingerprint
 from .layer import SurgicalLayer, owned_tensors
 from .precision import Upcasts
-from .quantized import FullPrecisionBlocks
+from .quantized import FullPrecisionBlocks, full_precision_like
 from .serialization import (
     KEY_PREFIX,
     check_announced,
@@ -330,7 +330,7 @@ class SurgicalModel(BaseTuner):
         weights = weights_file(config.loaded_from) if config.loaded_from is not None else None
         if weights is None:
             return
-        expected = {KEY_PREFIX + path: tensor for path, tensor in self._base_tensors(model).items()}
+        expected = {KEY_PREFIX + path: full_precision_like(t) for path, t in self._base_tensors(model).items()}
         heads = config.modules_to_save or []
         check_announced(weights, expected, config.delta_torch_dtype, heads, label_names(model))
         check_weights_data(weights)

@@ -42,7 +42,7 @@ from ..blocks.paths import is_under, join
 from ..errors import InputError
 from ._internals import dequantize_bnb_weight, dequantize_module_weight, get_bnb_param_type
 
-__all__ = ["FullPrecisionBlocks", "quantization_of"]
+__all__ = ["FullPrecisionBlocks", "full_precision_like", "quantization_of"]
 
 
 def quantization_of(tensor: torch.Tensor) -> str | None:
@@ -55,6 +55,20 @@ def quantization_of(tensor: torch.Tensor) -> str | None:
     """
     package = type(tensor).__module__.split(".")[0]
     return None if package == "torch" else f"{package} {type(tensor).__name__}"
+
+
+def full_precision_like(tensor: torch.Tensor) -> torch.Tensor:
+    """What an adapter holds for `tensor`: for a quantized tensor stored as integers (bitsandbytes' `Int8Params`), a
+    float32 tensor of its shape on the meta device (its module trains as a float32 copy, `FullPrecisionBlocks`);
+    any other tensor as it is (torchao's tensors report their full-precision dtype themselves).
+
+    Example:
+        >>> full_precision_like(torch.zeros(2, dtype=torch.int8)).dtype  # a plain tensor: as it is
+        torch.int8
+    """
+    if quantization_of(tensor) is None or tensor.is_floating_point():
+        return tensor
+    return torch.empty(tensor.shape, dtype=torch.float32, device="meta")
 
 
 def _dequantized_weight(module: nn.Module) -> torch.Tensor:
