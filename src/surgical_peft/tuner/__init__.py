@@ -6,7 +6,7 @@ Importing this package registers the `"SURGICAL"` type with PEFT, has PEFT read 
 `SurgicalConfig.from_json_file` (checked fields, no `verify_base` from a file) whichever PEFT class reads it, has
 PEFT's `convert_to_lora`/`save_as_lora` convert surgical adapters with `lora_export.convert_to_lora`, has PEFT's
 `save_pretrained` write this package's model card for a surgical adapter (`surgical_peft.hub.card`), and keeps
-`torch.compile(peft_model)` from recompiling on `set_adapter` (`surgical_peft.serving.compile`).
+`torch.compile(peft_model)` from recompiling on `set_adapter` (`_internals.read_adapter_lookups_eagerly`).
 
 Example:
     >>> from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -15,10 +15,10 @@ Example:
     'SurgicalConfig'
 """
 
-from ..serving.compile import compile_across_switches
 from ._internals import (
     add_peft_type,
     quiet_get_peft_model,
+    read_adapter_lookups_eagerly,
     register_method,
     route_config_reads,
     route_lora_conversion,
@@ -55,5 +55,5 @@ def _write_card(model: object, directory: str) -> bool:
 register_method(SURGICAL, SurgicalConfig, SurgicalModel)
 route_config_reads(read_saved_config)
 route_lora_conversion(convert_to_lora, converts_to_lora)
-compile_across_switches(SurgicalModel)
+read_adapter_lookups_eagerly(SurgicalModel)
 route_model_cards(_write_card)

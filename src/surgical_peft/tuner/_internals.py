@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import peft
+import torch
 from aenum import extend_enum
 from peft import PeftModel, get_peft_model
 from peft.config import PeftConfig
@@ -55,6 +56,7 @@ __all__ = [
     "in_out_features",
     "persistent_buffer_names",
     "quiet_get_peft_model",
+    "read_adapter_lookups_eagerly",
     "register_method",
     "route_config_reads",
     "route_lora_conversion",
@@ -188,6 +190,30 @@ def route_model_cards(writer: Callable[[PeftModel, str], bool]) -> None:
 
     create_or_update_model_card.routed_to = writer
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+def read_adapter_lookups_eagerly(tuner_class: type) -> None:
+    """Have `PeftModel` evaluate its two properties that look the active adapter up by name outside a compiled graph,
+    where its tuner is a `tuner_class`, once; for every other PEFT method they stay PEFT's own.
+
+    `PeftModel.forward` (and its task classes' forwards) reads `has_active_enabled_adapter` and `active_peft_config`
+    (`self.peft_config[self.active_adapter]`). torch.compile guards on that lookup (`self.active_adapter == 'a'`), so
+    every `set_adapter` recompiled, and past `torch._dynamo.config.cache_size_limit` (8) the model silently ran
+    uncompiled. A surgical adapter's weights are the tuned modules' own tensors, switched in place, so adapters on the
+    same blocks run the same graph: read eagerly (`torch.compiler.disable`, one graph break before the model's
+    forward), switching among them recompiles nothing."""
+    for name in ("has_active_enabled_adapter", "active_peft_config"):
+        original = getattr(PeftModel, name).fget
+        if getattr(original, "eager_for", None) is not None:
+            continue
+        eager = torch.compiler.disable(original)
+
+        @functools.wraps(original)
+        def read(self: PeftModel, original: Any = original, eager: Any = eager) -> Any:
+            return eager(self) if isinstance(self.base_model, tuner_class) else original(self)
+
+        read.eager_for = tuner_class
+        setattr(PeftModel, name, property(read))
 
 
 def quiet_get_peft_model(model: nn.Module, config: Any) -> Any:
