@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import save_tiny_model
+from peft import get_peft_model
 from PIL import Image
 
+from surgical_peft import SurgicalConfig
 from surgical_peft.cli import main
 from surgical_peft.errors import InputError
 from surgical_peft.files import write_file
@@ -66,3 +69,15 @@ def test_write_file_is_atomic_and_refuses_a_directory(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="is a directory of yours in the way"):
         write_file(tmp_path / "dir", "x")
     assert list(tmp_path.glob(".dir.*")) == []
+
+
+def test_save_pretrained_replaces_a_symlinked_model_card(tmp_path: Path) -> None:
+    """PEFT's save_pretrained writes the card through the route to this library's card, which replaces the link."""
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), SurgicalConfig(target_modules=["0"]))
+    mine = users_files(tmp_path, ("README.md",))["README.md"]
+    mine.write_text("the user's README")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "README.md").symlink_to(mine)
+    model.save_pretrained(tmp_path / "adapter")
+    assert mine.read_text() == "the user's README"
+    assert "import surgical_peft" in (tmp_path / "adapter" / "README.md").read_text()
