@@ -11,13 +11,17 @@ Areas:
   `model.load_adapter(d, adapter_name="x")`;
 - B, saving: `save_adapter` and PEFT's `save_pretrained` into directories that hold other files, the working
   directory, a file, a nested missing path, a read-only directory, two writers at once, and processes killed at each
-  kill point of `save_adapter` (the private `_SURGICAL_PEFT_KILL_AT` hook of `surgical_peft.files`), and a disk
-  that fills up (a small tmpfs: the battery runs as root);
+  kill point of `save_adapter` (the private `_SURGICAL_PEFT_KILL_AT` hook of `surgical_peft.files`), a disk that
+  fills up (a small tmpfs: the battery runs as root), symlinks to a user's files at the names `save_adapter`,
+  `save_pretrained`, `train`, `rank` and `predict` write;
 - C, the command line through `surgical_peft.cli.main([...])` in-process: bad numbers for every numeric option of
-  `train` and `rank`, unknown choices, missing or wrong paths, broken imagefolder datasets;
+  `train` and `rank`, unknown choices, missing or wrong paths, broken imagefolder datasets, 16-bit and 32-bit images,
+  class folders with subfolders, batches of one image where a BatchNorm layer trains;
 - D, training: a non-finite loss, resuming with stray entries in `checkpoints/`, a damaged checkpoint, changed
-  settings, runs killed mid-epoch or mid-checkpoint (`tests/kill_driver.py`) and a disk that fills up while a
-  checkpoint is written (a small tmpfs), then resumed, compared tensor by tensor with the uninterrupted run.
+  settings (with `run_args.json` deleted), fewer epochs, other data, Accelerate settings from the environment, two
+  runs at once in one output directory, runs killed mid-epoch or mid-checkpoint (`tests/kill_driver.py`) and a disk
+  that fills up while a checkpoint is written (a small tmpfs), then resumed, compared tensor by tensor with the
+  uninterrupted run.
 
 Categories (one per attempt):
 
@@ -26,8 +30,9 @@ Categories (one per attempt):
   one-line message (argparse's usage error counts) and the output directory as it was;
 - documented: it did what the README or a docstring says (cited in the note), e.g. a valid adapter loads and
   reproduces the tuned model's logits to 1e-5;
-- crash: any other exception (a raw type, or an error that does not name the file), a message longer than
-  `LONGEST_MESSAGE` characters, a traceback, a hang (no result within the attempt's timeout) or a dead process;
+- crash: any other exception (a raw type, an error that does not name the file, or a refusal that does not name the
+  cause the attempt set up), a message longer than `LONGEST_MESSAGE` characters, a traceback, a hang (no result within
+  the attempt's timeout) or a dead process;
 - silent: it went through when it should not have, or loaded values that differ from the adapter's;
 - modified: a failed call changed the model (tensors, `requires_grad`, hooks, attributes, the adapter list), removed
   or changed a user's file, or left a refused run's output behind; no complete adapter after a kill.
@@ -46,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import math
@@ -78,6 +84,7 @@ import transformers
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -1478,7 +1485,108 @@ def area_b() -> list[Attempt]:
     attempts.append(Attempt("B", "staging of a live writer", _stale_staging(alive=True)))
     attempts.append(Attempt("B", "three saves of one adapter", _byte_identical))
     attempts.append(Attempt("B", "save_adapter over an adapter on a full disk (tmpfs)", _save_onto_full_tmpfs))
+    for writer in ("save_adapter", "save_pretrained"):
+        attempts.append(
+            Attempt("B", f"{writer} where its files are symlinks to a user's files", _save_onto_links(writer))
+        )
+    attempts.append(
+        Attempt(
+            "B", "train where metrics.json, run_args.json and the adapter's files are symlinks", _train_onto_links, 120
+        )
+    )
+    attempts.append(Attempt("B", "rank --json and --plot onto symlinks to a user's files", _rank_onto_links, 120))
+    attempts.append(Attempt("B", "predict --output onto a symlink to a user's file", _predict_onto_a_link, 120))
     return attempts
+
+
+THROUGH_LINKS = (
+    "docs/guides/safety.md 'Saving': PEFT's own save_pretrained writes adapter_config.json through a symlink at that "
+    "name; save_adapter, and everything the command line writes, replaces it"
+)
+
+
+def _links_to_users_files(directory: Path, names: list[str], work: Path) -> dict[Path, str]:
+    """A symlink at each of `names` in `directory` to a user's file outside it; returns the user's files and texts."""
+    mine = {}
+    for name in names:
+        target = work / "mine" / name.replace("/", "-")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f"the user's {name}")
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).symlink_to(target)
+        mine[target] = target.read_text()
+    return mine
+
+
+def _judge_links(
+    directory: Path, mine: dict[Path, str], names: list[str], cite: str, through: frozenset[str] = frozenset()
+) -> Outcome:
+    """The user's files behind the links at `names` must be untouched, except those of `through` (names a writer is
+    documented to write through: the note cites `THROUGH_LINKS`), and the other links replaced by files."""
+    changed = [path.name for path, text in mine.items() if path.read_text() != text]
+    if [name for name in changed if name not in through]:
+        return Outcome("modified", f"wrote through the links into the user's {changed}")
+    still = [name for name in names if (directory / name).is_symlink() and name not in through]
+    if still:
+        return Outcome("silent", f"left the links {still} in place of its files")
+    if changed:
+        return Outcome(
+            "documented", f"wrote through the link into the user's {changed}, replaced the others ({THROUGH_LINKS})"
+        )
+    return Outcome("documented", f"the links replaced by its files, the user's files untouched ({cite})")
+
+
+def _save_onto_links(writer: str) -> Callable[[Path], Outcome]:
+    def run(work: Path) -> Outcome:
+        directory = work / "out"
+        names = sorted(ADAPTER_FILES)
+        mine = _links_to_users_files(directory, names, work)
+        _save(writer, loaded_model(), directory)
+        if loads_as(directory)[0] != "A":
+            return Outcome(
+                "silent", f"saved, but the directory does not load as the adapter: {loads_as(directory)[1]}"
+            )
+        cite = "files.py docstring: a symlink at a name is replaced, never written through"
+        return _judge_links(
+            directory, mine, names, cite, frozenset({CONFIG}) if writer == "save_pretrained" else frozenset()
+        )
+
+    return run
+
+
+def _train_onto_links(work: Path) -> Outcome:
+    output = work / "run"
+    names = ["metrics.json", "run_args.json", "adapter/README.md", f"adapter/{CONFIG}", f"adapter/{WEIGHTS}"]
+    mine = _links_to_users_files(output, names, work)
+    code, escaped, _, stderr = _run_main(_fill(TRAIN, {"model": str(FIX.model_dir), "out": str(output)}))
+    if escaped is not None or code != 0:
+        return Outcome("crash", f"exit {code}: {short(str(escaped) if escaped else stderr[-300:])}")
+    return _judge_links(output, mine, names, "files.write_file docstring: a symlink is replaced, not written through")
+
+
+def _predict_onto_a_link(work: Path) -> Outcome:
+    build_model().save_pretrained(work / "base")  # the base of FIX.sealed
+    mine = _links_to_users_files(work, ["predictions.csv"], work)
+    argv = ["predict", "--model", str(work / "base"), "--adapter", str(FIX.sealed), "--output"]
+    code, escaped, _, stderr = _run_main(
+        [*argv, str(work / "predictions.csv"), image_folder(work / "images", ("a", "b"))]
+    )
+    if escaped is not None or code != 0:
+        return Outcome("crash", f"exit {code}: {short(str(escaped) if escaped else stderr[-300:])}")
+    cite = "cli/commands/predict.py: the CSV is written by files.write_file, a symlink replaced"
+    return _judge_links(work, mine, ["predictions.csv"], cite)
+
+
+def _rank_onto_links(work: Path) -> Outcome:
+    names = ["scores.json", "plot.png"]
+    mine = _links_to_users_files(work, names, work)
+    argv = _fill(
+        [*RANK, "--json", str(work / "scores.json"), "--plot", str(work / "plot.png")], {"model": str(FIX.model_dir)}
+    )
+    code, escaped, _, stderr = _run_main(argv)
+    if escaped is not None or code != 0:
+        return Outcome("crash", f"exit {code}: {short(str(escaped) if escaped else stderr[-300:])}")
+    return _judge_links(work, mine, names, "files.write_file docstring: a symlink is replaced, not written through")
 
 
 def _save_onto_full_tmpfs(work: Path) -> Outcome:
@@ -1576,6 +1684,7 @@ class Cli:
     folders: dict[str, Callable[[Path], str]] = field(default_factory=dict)
     files: Callable[[Path], None] | None = None  # prepares the output directory (e.g. a previous run)
     output_exists: bool = True
+    names: tuple[str, ...] = ()  # what a refusal's message must name (the cause, the fix), or it is unhelpful
 
 
 def _fill(argv: list[str], values: dict[str, str]) -> list[str]:
@@ -1634,8 +1743,11 @@ def judge_cli(spec: Cli, result: tuple[Any, ...], out: Path, befores: dict[Path,
         return Outcome("documented", RAN if spec.argv[0] == "train" else "a valid value: it ran (exit 0)")
     if code != 2 or not lines:
         return Outcome("crash", f"exit {code} without a one-line error: {short(stderr[-300:])}")
+    missing = [name for name in spec.names if name not in lines[-1]]
+    if missing:
+        return Outcome("crash", f"exit 2, but the message does not name {missing}: {short(lines[-1], 250)}")
     after_training = any(text in lines[-1] for text in ("Training stopped", "was not saved"))
-    allowed = {"run_args.json", "checkpoints"} if after_training else set()
+    allowed = {"checkpoints"} if after_training else set()
     new = [
         f"{d.name}/{n}"
         for d, before in befores.items()
@@ -1650,7 +1762,7 @@ def judge_cli(spec: Cli, result: tuple[Any, ...], out: Path, befores: dict[Path,
     if None in kept:
         return Outcome("modified", "training stopped but a checkpoint of a non-finite epoch was saved")
     kind = "argparse" if stderr.lstrip().startswith("usage:") else f"{len(lines)} error line(s)"
-    left = "; no adapter, only run_args.json (the run's settings)" if after_training else ""
+    left = "; no adapter" if after_training else ""
     left += f" and the complete checkpoint of the finite epoch(s) before it ({', '.join(kept)})" if kept else ""
     return Outcome("clear error", f"exit 2 ({kind}): {short(lines[-1], 250)}{left}")
 
@@ -1940,11 +2052,142 @@ def _cli_specs() -> list[tuple[str, Cli]]:
             Cli(["rank", "demo-resnet", *RANK[2:], "--cache-dir", "{cache}"], "either"),
         ),
     ]
-    return specs
+    return [*specs, *_batch_of_one_specs(), *_wide_image_specs()]
+
+
+ONE_BY_ONE = [*TRAIN, "--image-size", "8"]  # the tiny ResNet's stage2 (a BatchNorm block) sees 1x1 maps at 8 px
+BATCH_OF_ONE = ("BatchNorm", "batches of one")
+
+
+def _batch_of_one_specs() -> list[tuple[str, Cli]]:
+    """Issue 26, finding 13: batches of one image where a BatchNorm layer trains."""
+    return [
+        (
+            "train --train-n 1 with a tuned BatchNorm",
+            Cli([*ONE_BY_ONE, "--train-n", "1"], names=(*BATCH_OF_ONE, "--train-n")),
+        ),
+        (
+            "train --batch-size 1 with a tuned BatchNorm",
+            Cli([*ONE_BY_ONE, "--batch-size", "1"], names=(*BATCH_OF_ONE, "--batch-size")),
+        ),
+        ("train: a last batch of one with a tuned BatchNorm", Cli([*ONE_BY_ONE, "--train-n", "21"], "either")),
+        (
+            "train --train-n 1 --block head (no BatchNorm trains)",
+            Cli([*TRAIN[:3], *TRAIN[5:], "--block", "head", "--train-n", "1"], "either"),
+        ),
+    ]
+
+
+GRADIENT = [[8 * (row + column) for column in range(16)] for row in range(16)]  # 0 to 240: 31 distinct values
+
+
+def _wide_image(mode: str, scale: float, offset: int) -> Any:
+    """GRADIENT plus `offset` (at most 255) as a PIL image of `mode`, its values multiplied by `scale`."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.minimum(np.array(GRADIENT) + offset, 255) * scale
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    return Image.fromarray(values.astype(dtype))
+
+
+def _wide_folder(mode: str, suffix: str, scale: float, odd: float | None = None) -> Callable[[Path], str]:
+    """Two classes of 12 images of `mode` at `scale` (`odd`: one more image at that scale, out of range)."""
+
+    def make(work: Path) -> str:
+        root = work / "wide"
+        for label in ("a", "b"):
+            (root / label).mkdir(parents=True)
+            for row in range(12):
+                _wide_image(mode, scale, row + 7 * (label == "b")).save(root / label / f"{row}{suffix}")
+        if odd is not None:
+            _wide_image(mode, odd, 0).save(root / "b" / f"odd{suffix}")
+        return str(root)
+
+    return make
+
+
+def _wide_image_specs() -> list[tuple[str, Cli]]:
+    """Issue 26, finding 11: 32-bit images with no scale the library can know are refused, naming file and mode."""
+    wide = [*TRAIN, "--dataset", "{wide}", "--train-n", "12", "--eval-n", "6"]
+    return [
+        (
+            "train imagefolder: a float TIFF with values to 960",
+            Cli(wide, folders={"wide": _wide_folder("F", ".tif", 1 / 255, odd=4.0)}, names=("odd.tif", "mode F")),
+        ),
+        (
+            "train imagefolder: a 32-bit integer TIFF beyond 16 bits",
+            Cli(wide, folders={"wide": _wide_folder("I", ".tif", 257, odd=65536)}, names=("odd.tif", "mode I")),
+        ),
+    ]
+
+
+def _read_at_scale(mode: str, suffix: str, scale: float) -> Callable[[Path], Outcome]:
+    """Issue 26, finding 11: a folder of 16-bit PNGs, 32-bit integer or float TIFFs trains, and its images reach the
+    model as the 8-bit images they hold would (PIL's convert('RGB') clipped them to two or three values)."""
+
+    def run(work: Path) -> Outcome:
+        import numpy as np
+        from PIL import Image
+
+        from surgical_peft.experiments.data import image_transform, load_image_dataset
+
+        folder = _wide_folder(mode, suffix, scale)(work)
+        argv = [*TRAIN, "--dataset", folder, "--train-n", "12", "--eval-n", "6"]
+        code, escaped, _, stderr = _run_main(_fill(argv, {"model": str(FIX.model_dir), "out": str(work / "run")}))
+        if escaped is not None or code != 0:
+            return Outcome("crash", f"exit {code}: {short(str(escaped) if escaped else stderr[-300:])}")
+        image = load_image_dataset(folder)[0]["image"]
+        eight_bit = Image.fromarray(
+            np.clip(np.rint(np.asarray(image, dtype=np.float64) / scale), 0, 255).astype(np.uint8)
+        )
+        transform = image_transform(image_size=16)
+        seen, expected = (transform({"image": [i], "label": [0]})["pixel_values"] for i in (image, eight_bit))
+        distinct = len(torch.unique(seen))
+        if not torch.allclose(seen, expected, atol=1e-5):
+            return Outcome("silent", f"trained, but the {mode} images reach the model as {distinct} distinct values")
+        return Outcome(
+            "documented",
+            f"trained; a {mode} image reaches the model as its 8-bit picture ({distinct} distinct values; "
+            "experiments/images.py docstring: each mode at its own scale)",
+        )
+
+    return run
+
+
+def _nested_class_folders(work: Path) -> Outcome:
+    """Issue 26, finding 12: class folders with subfolders (cat/left, cat/right, dog/left, dog/right)."""
+    from PIL import Image
+
+    root = work / "nested"
+    for index, label in enumerate(("cat", "dog")):
+        for side in ("left", "right"):
+            (root / label / side).mkdir(parents=True)
+            for row in range(8):
+                Image.new("RGB", (16, 16), (40 + 150 * index, 10 * row, 0)).save(root / label / side / f"{row}.png")
+    argv = _fill([*TRAIN, "--dataset", str(root), "--train-n", "12", "--eval-n", "8"],
+                 {"model": str(FIX.model_dir), "out": str(work / "run")})  # fmt: skip
+    code, escaped, _, stderr = _run_main(argv)
+    if escaped is not None or code != 0:
+        return Outcome("crash", f"exit {code}: {short(str(escaped) if escaped else stderr[-300:])}")
+    labels = json.loads((work / "run" / "metrics.json").read_text())["labels"]
+    if labels != ["cat", "dog"]:
+        return Outcome("silent", f"trained on the labels {labels}, not the class folders cat and dog")
+    return Outcome(
+        "documented",
+        "trained on the class folders cat and dog, with a warning naming the layout (load_image_dataset docstring: "
+        "a class folder's images may sit in subfolders of it)",
+    )
 
 
 def area_c() -> list[Attempt]:
-    return [Attempt("C", name, cli_attempt(spec), timeout=90) for name, spec in _cli_specs()]
+    attempts = [Attempt("C", name, cli_attempt(spec), timeout=90) for name, spec in _cli_specs()]
+    for mode, suffix, scale in (("I;16", ".png", 257), ("I", ".tif", 257), ("F", ".tif", 1 / 255)):
+        attempts.append(
+            Attempt("C", f"train imagefolder: {mode} images ({suffix})", _read_at_scale(mode, suffix, scale), 90)
+        )
+    attempts.append(Attempt("C", "train imagefolder: class folders with subfolders", _nested_class_folders, 90))
+    return attempts
 
 
 # --------------------------------------------------------------------------------------------- D: training, resume
@@ -2118,6 +2361,98 @@ def _corrupt_run_args(output: Path) -> None:
     (output / "run_args.json").write_text("{not json")
 
 
+@dataclass
+class Rerun:
+    """A finished run (`first` options, `epochs[0]` epochs), `change`d, then rerun (`second` options, `epochs[1]`,
+    `swap` replacing one of the first run's values, `env` in a fresh process): a rerun that must be refused in one
+    line naming each of `names`, leaving the output directory as it was (issue 26, findings 1-5)."""
+
+    names: tuple[str, ...]
+    change: Callable[[Path], None] = lambda work: None
+    first: tuple[str, ...] = ()
+    second: tuple[str, ...] = ()
+    epochs: tuple[int, int] = (1, 2)
+    swap: tuple[str, str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    folder: bool = False  # train on an imagefolder (work/images) instead of the digits
+
+
+def _rerun_refused(spec: Rerun) -> Callable[[Path], Outcome]:
+    def run(work: Path) -> Outcome:
+        output = work / "run"
+        data = ["--dataset", image_folder(work / "images", tuple("abcde"))] if spec.folder else []
+        if _run_main(resume_argv(output, spec.epochs[0], *data, *spec.first))[0] != 0:
+            return Outcome("harness", "the first run failed")
+        spec.change(work)
+        before = tree(output)
+        argv = resume_argv(output, spec.epochs[1], *data, *spec.second)
+        argv = [spec.swap[1] if spec.swap and arg == spec.swap[0] else arg for arg in argv]
+        if spec.env:
+            result = _subprocess(argv, work, **spec.env)
+            code, escaped, stderr = result.returncode, None, result.stderr
+        else:
+            code, escaped, _, stderr = _run_main(argv)
+        if escaped is not None or "Traceback (most recent" in stderr:
+            return Outcome("crash", short(f"{type(escaped).__name__}: {escaped}" if escaped else stderr[-300:]))
+        if code == 0:
+            return Outcome("silent", "exit 0: it resumed (or kept) a run other than the one it was asked for")
+        lines = [line for line in stderr.splitlines() if "error:" in line]
+        if code != 2 or len(lines) != 1:
+            return Outcome("crash", f"exit {code} without a one-line error: {short(stderr[-300:])}")
+        changed = [name for name, data in before.items() if tree(output).get(name, b"\0") != data]
+        if changed or set(tree(output)) != set(before):
+            return Outcome("modified", f"refused but changed the output directory: {changed[:3]}")
+        missing = [name for name in spec.names if name not in lines[0]]
+        if missing:
+            return Outcome("crash", f"exit 2, but the message does not name {missing}: {short(lines[0], 250)}")
+        return Outcome("clear error", f"exit 2: {short(lines[0], 250)}")
+
+    return run
+
+
+def _add_images(work: Path) -> None:
+    from PIL import Image
+
+    for row in range(12, 15):
+        Image.new("RGB", (16, 16), (0, 0, row)).save(work / "images" / "a" / f"{row}.png")
+
+
+def _two_runs_at_once(work: Path) -> Outcome:
+    """Issue 26, finding 6: a second train on one --output-dir while the first runs (stopped mid-epoch)."""
+    output = work / "run"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", KILL_AFTER_STEPS="1", KILL_SIGNAL="STOP")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    first = subprocess.Popen(
+        [sys.executable, str(KILL_DRIVER), *resume_argv(output, 1)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=work,
+    )  # fmt: skip
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        if not os.WIFSTOPPED(status):
+            return Outcome("harness", f"the first run did not stop mid-epoch (wait status {status})")
+        code, escaped, _, stderr = _run_main(resume_argv(output, 1, "--lr", "0.02"))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    finished = first.wait(timeout=400)
+    if finished != 0:
+        return Outcome("harness", f"the first run failed after the second: exit {finished}")
+    summary = json.loads((output / "metrics.json").read_text())
+    saved = load_file(output / "adapter" / WEIGHTS)
+    digest = hashlib.sha256(safetensors_save(dict(sorted(saved.items())))).hexdigest()
+    if code == 0 or summary["lr"] != 0.01 or summary["adapter_sha256"] != digest:
+        return Outcome(
+            "silent",
+            f"second run exit {code}; metrics.json lr {summary['lr']}; its adapter_sha256 the adapter's: "
+            f"{summary['adapter_sha256'] == digest}",
+        )
+    if escaped is not None or code != 2 or f"(id {first.pid})" not in stderr:
+        return Outcome("crash", f"second run exit {code}, not naming the first's process id: {short(stderr[-300:])}")
+    return Outcome(
+        "clear error", f"exit 2: {short(stderr.strip().splitlines()[-1], 250)}; the first run finished whole"
+    )
+
+
 def _non_finite(extra: list[str], what: str) -> tuple[str, Cli]:
     return f"non-finite training: {what}", Cli([*TRAIN, *extra], "stop")
 
@@ -2184,7 +2519,42 @@ def area_d() -> list[Attempt]:
         Attempt(
             "D", "disk full while writing the 2nd checkpoint (tmpfs), then rerun", _checkpoint_onto_full_tmpfs, 400
         ),
+        Attempt("D", "two train runs at once on one --output-dir", _two_runs_at_once, 500),
     ]
+    delete_run_args = lambda work: (work / "run" / "run_args.json").unlink()  # noqa: E731
+    reruns = {
+        "run_args.json deleted, then --lr 0.003": Rerun(
+            ("--lr 0.01 there, 0.003 now",), delete_run_args, second=("--lr", "0.003")
+        ),
+        "run_args.json deleted, then --block stage1": Rerun(
+            ("--block stage2 there, stage1 now",), delete_run_args, swap=("stage2", "stage1")
+        ),
+        "a finished 2-epoch run rerun with --epochs 1": Rerun(
+            ("2 epoch(s) of fine-tune trained, 1 asked for", "--epochs"), epochs=(2, 1)
+        ),
+        "--lp-epochs raised once the linear-probe phase is over": Rerun(
+            ("linear-probe is over after 1 epoch(s)",),
+            first=("--strategy", "lp-ft", "--lp-epochs", "1"),
+            second=("--strategy", "lp-ft", "--lp-epochs", "2"),
+        ),
+        "resume with ACCELERATE_MIXED_PRECISION=bf16 in the environment": Rerun(
+            ("mixed_precision no there, bf16 now", "ACCELERATE_MIXED_PRECISION=bf16 in the environment"),
+            env={"ACCELERATE_MIXED_PRECISION": "bf16"},
+        ),
+        "resume with ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 in the environment": Rerun(
+            ("gradient_accumulation_steps 1 there, 2 now", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2"),
+            env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"},
+        ),
+        "resume after 3 images were added to the imagefolder": Rerun(
+            ("3 images added to", "/images/a (12.png, 13.png, 14.png)"), _add_images, folder=True
+        ),
+        "resume after an image of the imagefolder was deleted": Rerun(
+            ("1 image removed from", "/images/b (0.png)"),
+            lambda work: (work / "images" / "b" / "0.png").unlink(),
+            folder=True,
+        ),
+    }
+    attempts += [Attempt("D", f"resume: {name}", _rerun_refused(spec), 400) for name, spec in reruns.items()]
     return attempts
 
 

@@ -44,20 +44,30 @@ def test_train_runs_and_resumes_through_main(
     assert latest_checkpoint(tmp_path)[1].epochs_done == [2]
 
 
-@pytest.mark.parametrize("damage", ["run_args.json", "checkpoint"])
-def test_a_damaged_run_is_refused_with_a_message(
-    damage: str, tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_a_damaged_checkpoint_is_refused_with_a_message(
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["train", "--model", tiny_model, "--block", "stage2", *TINY, "--output-dir", str(tmp_path)]
     assert main(argv) == 0
     checkpoint = latest_checkpoint(tmp_path)[0]
-    damaged = tmp_path / "run_args.json" if damage == "run_args.json" else checkpoint / "model.safetensors"
+    damaged = checkpoint / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:20])  # truncated
     capsys.readouterr()
     assert main([*argv, "--epochs", "2"]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and str(damaged if damage == "run_args.json" else checkpoint) in error
-    assert ("is damaged" if damage == "run_args.json" else "cannot be read back") in error
+    assert error.count("\n") == 1 and str(checkpoint) in error and "cannot be read back" in error
+
+
+def test_a_damaged_run_args_json_is_rewritten_the_checkpoint_says_what_the_run_is(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    argv = ["train", "--model", tiny_model, "--block", "stage2", *TINY, "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    recorded = (tmp_path / "run_args.json").read_text()
+    (tmp_path / "run_args.json").write_text("{not json")
+    assert main([*argv, "--epochs", "2"]) == 0  # resumed: run_args.json records, the checkpoint decides
+    assert (tmp_path / "run_args.json").read_text() == recorded
+    assert latest_checkpoint(tmp_path)[1].epochs_done == [2]
 
 
 def test_demo_runs_through_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

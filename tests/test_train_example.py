@@ -85,7 +85,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_model: str, tm
     assert summary["history"][0]["marker"] == "from the checkpoint"
     assert "marker" not in summary["history"][1]
 
-    with pytest.raises(InputError, match=r"checkpoints of a run with other settings \(lr differ\)"):
+    with pytest.raises(InputError, match=r"checkpoints of another run, which cannot be resumed: --lr 0.001 there"):
         run_training(parse(*argv, "--epochs", "3", "--lr", "0.5"))
 
 

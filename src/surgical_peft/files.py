@@ -8,6 +8,10 @@
   earlier writer is removed by the next one.
 - `reporting_full_disk`: a write that fails for lack of space is reported as such (`OSError` ENOSPC), naming the path,
   the space it needed and the space that was free, whatever error the writer raised.
+- `write_file`: one file written that way (a temporary file in its directory, then a rename): a symlink at its name is
+  replaced by the file, never written through, so the file it pointed to is left as it was.
+- `locked_directory`: a directory only one process writes into at a time (an OS lock held for as long as it writes,
+  released by the OS when the process exits or dies); another is refused at once, naming the holder's process id.
 
 Example:
     >>> import tempfile
@@ -23,6 +27,10 @@ Example:
     ...     move_into_place(target, [(staging / "a.txt", "a.txt")])
     >>> sorted(p.name for p in target.iterdir()), (target / "a.txt").read_text()
     (['a.txt', 'mine.txt'], 'new')
+    >>> (target / "link.txt").symlink_to(target / "mine.txt")
+    >>> _ = write_file(target / "link.txt", "ours")
+    >>> (target / "link.txt").is_symlink(), (target / "mine.txt").read_text()
+    (False, 'kept')
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -39,11 +48,21 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["fsync", "move_into_place", "reporting_full_disk", "staged_directory", "staging_inside"]
+__all__ = [
+    "fsync",
+    "locked_directory",
+    "move_into_place",
+    "reporting_full_disk",
+    "staged_directory",
+    "staging_inside",
+    "write_file",
+]
 
 _STAGING_PREFIX = ".surgical-staging-"
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXTS = ("No space left on device", "Disk quota exceeded")  # the OS's words, in errors of other types
+LOCK_FILE = ".surgical-peft.lock"
+"""The lock file `locked_directory` holds inside a directory (it records the holder's process id)."""
 _KILL_AT = "_SURGICAL_PEFT_KILL_AT"  # private test hook: the step at which the process kills itself (see `kill_point`)
 
 
@@ -104,11 +123,7 @@ def staging_inside(directory: Path) -> Iterator[Path]:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        for path in created:  # a failed write leaves no directory it created (unless another writer filled it)
-            try:
-                path.rmdir()
-            except OSError:
-                break
+        _remove_empty(created)  # a failed write leaves no directory it created (unless another writer filled it)
         raise
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -216,3 +231,96 @@ def reporting_full_disk(
         )
         message = f"writing {what} into {path} needs {need} free on its file system. {then}".rstrip()
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {message}") from error
+
+
+def write_file(path: str | os.PathLike[str], content: str | bytes) -> Path:
+    """Write `content` (text is UTF-8) to `path` so that a failure or a kill never leaves it half-written: into a
+    temporary file in the same directory, flushed, then renamed over `path` (`move_into_place`). A symlink at `path`
+    is replaced by the file, not written through: the file it pointed to is not touched. Returns `path`.
+
+    Raises:
+        InputError: if `path` is a directory (nothing is written).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # (the umask applies, as for open())
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content.encode() if isinstance(content, str) else content)
+        move_into_place(target.parent, [(staged, target.name)])
+    finally:
+        staged.unlink(missing_ok=True)  # (gone once renamed)
+    return target
+
+
+def _lock_holder(path: Path) -> str:
+    """The process id a lock file records, as text (`unknown` while it is being written)."""
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _take_lock(directory: Path, purpose: str) -> int:
+    """An open descriptor of `directory`'s lock file, locked by this process and recording its id; an `InputError`
+    naming the holder's process id if another process holds it. (A lock file that a released holder removed after we
+    opened it is opened again: the lock must be on the file that the name holds.)"""
+    path = directory / LOCK_FILE
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise InputError(
+                f"{directory} is in use: another process (id {_lock_holder(path)}) is {purpose} there. Wait for it "
+                f"to finish, or pass another directory. (Its lock: {path}.)"
+            ) from None
+        if os.path.exists(path) and os.path.samestat(os.fstat(descriptor), os.stat(path)):
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+            return descriptor
+        os.close(descriptor)
+
+
+@contextmanager
+def locked_directory(directory: str | os.PathLike[str], purpose: str = "writing") -> Iterator[Path]:
+    """Hold `directory` (created if needed) for this process: an exclusive `flock` on a lock file inside it, which
+    records this process's id. Another process that asks for the same directory meanwhile gets an `InputError` at
+    once, naming that id and `purpose` (what the holder is doing). On exit the lock file is removed (and the
+    directories this call created, if nothing else was put in them); a process that dies holds nothing: the OS
+    releases its lock, and the next holder takes over the file it left.
+
+    Example:
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp()) / "run"
+        >>> with locked_directory(run, "training"):
+        ...     (run / LOCK_FILE).read_text() == f"{os.getpid()}\\n"
+        True
+        >>> run.exists()  # created for the lock, and left empty
+        False
+    """
+    target = Path(directory)
+    created = [path for path in (target, *target.parents) if not path.exists()]  # innermost first
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = _take_lock(target, purpose)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        yield target
+    finally:
+        (target / LOCK_FILE).unlink(missing_ok=True)  # while still held: the next holder locks a new file
+        os.close(descriptor)
+        _remove_empty(created)
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove `directories` (innermost first) as long as they are empty."""
+    for path in directories:
+        try:
+            path.rmdir()
+        except OSError:
+            break

@@ -5,12 +5,16 @@ Needs matplotlib, an optional extra: `pip install 'surgical-peft[plots]'`.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["bar_chart"]
+from .files import write_file
+
+__all__ = ["bar_chart", "save_figure"]
 
 _BAR_COLOR = "#9aa9bd"
 _HIGHLIGHT_COLOR = "#d9822b"
@@ -74,7 +78,13 @@ def bar_chart(
     axes.spines[["top", "right"]].set_visible(False)
     if max(len(label) for label in labels) > 8:
         axes.tick_params(axis="x", labelrotation=30)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
+    return save_figure(figure, path, dpi=120)
+
+
+def save_figure(figure: Any, path: str | os.PathLike[str], *, dpi: int) -> Path:
+    """Save a matplotlib `figure` to `path` (in the format its suffix names, PNG without one) through
+    `surgical_peft.files.write_file`: never half-written, and a symlink at `path` is replaced, not written through.
+    Parent directories are created."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
+    return write_file(path, buffer.getvalue())

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..argparser import option_values, whole_number
 from ..errors import InputError
+from ..training.arguments import RESUMABLE as FINE_TUNING_RESUMABLE
 from ..training.arguments import FineTuneArguments
 from .defaults import CORRUPTIONS, DEFAULT_SHIFT, DIGITS, SEVERITIES, SHIFTS, SOURCE_MODEL
 
@@ -44,8 +45,7 @@ MAX_IMAGE_SIZE = 8192  # pixels a side: larger overflows the resize
 _DATA = "model and data"  # sections of the help
 _OUTPUT = "output"
 
-RESUMABLE = ("epochs", "lp_epochs", "output_dir", "push_to_hub", "hub_model_id", "progress", "cache_dir")
-RESUMABLE += ("report_to", "run_name")  # tracking (issue 23): the trackers may change when a run resumes
+RESUMABLE = (*FINE_TUNING_RESUMABLE, "push_to_hub", "hub_model_id", "cache_dir")
 """The settings that may change between a run and its resumption (option names); every other one defines the run."""
 
 
@@ -242,7 +242,7 @@ class RunArguments:
     def identity(self) -> dict[str, Any]:
         """The settings that define the run, by option name, sorted: a checkpoint of this run resumes only under the
         same ones (everything but `RESUMABLE`; no severity where there is none)."""
-        settings = {}
-        for part in (self.model, self.data, self.fine_tune, self.fine_tune.privacy, self.hub):
-            settings.update(option_values(part) if part is not None else {})
+        settings = self.fine_tune.identity()
+        for part in (self.model, self.data, self.hub):
+            settings.update(option_values(part))
         return {name: value for name, value in sorted(settings.items()) if name not in RESUMABLE and value is not None}

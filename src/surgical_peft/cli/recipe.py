@@ -2,11 +2,14 @@
 
 `add_training_arguments` adds the options, made from the fields of `ModelArguments`, `DataArguments`,
 `FineTuneArguments`, `PrivacyArguments` and `HubArguments` (`surgical_peft.argparser`), to an `argparse` parser;
-`run_arguments` turns the parsed options into `RunArguments`, once. `run_training` then checks everything that can be
-checked before training (a resumable `--output-dir`, the blocks against the model, the labels by name), loads the
-model and the target data (`surgical_peft.cli.target`), fine-tunes with `surgical_peft.training.fine_tune` under
-Accelerate, and, on the main process only, saves the adapter with its model card and a `metrics.json`, and pushes to
-the Hub if asked. A dry run stops before training and says what would happen (`plan`), writing nothing.
+`run_arguments` turns the parsed options into `RunArguments`, once. `run_training` then holds the output directory
+(an OS lock: a second run there is refused at once, naming the first one's process id), checks everything that can be
+checked before training (that checkpoints in `--output-dir` are this run's, with the same settings and data, asked for
+as many epochs or more: `surgical_peft.training.identity`; the blocks against the model; the labels by name), loads
+the model and the target data (`surgical_peft.cli.target`), fine-tunes with `surgical_peft.training.fine_tune` under
+Accelerate, and, on the main process only, saves the adapter with its model card and a `metrics.json` (every file
+written to a temporary file, then renamed: `surgical_peft.files.write_file`), and pushes to the Hub if asked. A dry
+run stops before training and says what would happen (`plan`), writing nothing.
 
 Example:
     >>> import argparse
@@ -24,13 +27,14 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..argparser import add_dataclass_arguments, dataclass_from_options
 from ..errors import InputError, Interrupted
+from ..files import locked_directory, write_file
 from ..privacy.arguments import PrivacyArguments
 from ..training.arguments import FineTuneArguments
 from .arguments import DataArguments, HubArguments, ModelArguments, RunArguments
@@ -103,25 +107,18 @@ def _run_name(run: RunArguments) -> str:
     return f"{model}-{dataset}-{run.data.shift}-{blocks}-seed{run.fine_tune.seed}"
 
 
-def _check_resumable(output_dir: Path, run: RunArguments) -> dict[str, Any]:
+def _check_resumable(output_dir: Path, run: RunArguments, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The run's settings (`RunArguments.identity`); an `InputError` if `output_dir` holds checkpoints of a run with
-    other settings."""
+    other settings (or, given its fingerprint, other data), or of more epochs than asked for
+    (`surgical_peft.training.identity.check_resumable`)."""
+    from ..training.checkpoint import latest_checkpoint
+    from ..training.identity import RunIdentity, check_resumable
+
     settings = run.identity()
-    recorded = output_dir / _RUN_FILE
-    if recorded.is_file() and (output_dir / "checkpoints").is_dir():
-        try:
-            previous = json.loads(recorded.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise InputError(
-                f"{recorded}, the settings of the run whose checkpoints are in {output_dir}, is damaged ({error}): "
-                "pass another --output-dir, or delete that one to start over."
-            ) from error
-        changed = sorted(key for key in settings.keys() | previous.keys() if settings.get(key) != previous.get(key))
-        if changed:
-            raise InputError(
-                f"{output_dir} holds checkpoints of a run with other settings ({', '.join(changed)} differ), which "
-                "cannot be resumed. Pass another --output-dir, or delete that one to start over."
-            )
+    latest = latest_checkpoint(output_dir)
+    if latest is not None:
+        identity = RunIdentity(settings, data=dict(data) if data is not None else None)
+        check_resumable(output_dir, latest[1], identity, run.fine_tune.phases())
     return settings
 
 
@@ -175,20 +172,35 @@ def _output_dir(run: RunArguments) -> Path:
     return output_dir
 
 
-def _prepare(run: RunArguments, state: PartialState) -> _Run:
-    from ..training.accelerator import check_mixed_precision
+@contextlib.contextmanager
+def _locked(output_dir: Path, state: PartialState, dry_run: bool) -> Iterator[None]:
+    """Hold `output_dir` for this run (`surgical_peft.files.locked_directory`, on the main process; every process
+    learns whether another run holds it, and all refuse together). A dry run writes nothing and holds nothing."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if state.is_main_process and not dry_run:
+            try:
+                stack.enter_context(locked_directory(output_dir, "training"))
+            except InputError as error:
+                refusal = str(error)
+        if state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise InputError(refusal)
+        yield
+
+
+def _prepare(run: RunArguments, state: PartialState, output_dir: Path) -> _Run:
     from .models import load_model
     from .target import load_target
 
-    _quiet(state, run.fine_tune.progress)
-    check_mixed_precision(run.fine_tune.mixed_precision, state.device)
-    output_dir = _output_dir(run)
-    if run.hub.push_to_hub:  # hub (issue 23): the Hub and a token that may write, before anything is loaded
-        check_hub(run.hub.hub_model_id or output_dir.name)
     settings = _check_resumable(output_dir, run)
     if run.model.model == SOURCE_MODEL:  # its blocks, before it is pretrained
         _check_blocks(load_model(SOURCE_MODEL, pretrained=False).model, run.fine_tune.blocks)
     target = load_target(run, state=state)
+    _check_resumable(output_dir, run, target.fingerprint)
     if state.is_main_process:
         print(target.describe(), flush=True)
     _check_blocks(target.model.model, run.fine_tune.blocks)
@@ -225,35 +237,47 @@ def run_training(options: argparse.Namespace | RunArguments) -> dict[str, Any]:
         summary = run_training(parser.parse_args(["--block", "stage1", "--epochs", "5"]))
         print(summary["metrics"]["eval_accuracy"])
     """
-    from ..training import fine_tune
+    from ..training.accelerator import check_mixed_precision
 
     run = options if isinstance(options, RunArguments) else run_arguments(options)
     state = _process_state()
-    prepared = _prepare(run, state)
-    if run.dry_run:
-        return plan(prepared, run)
-    if state.is_main_process:
-        prepared.output_dir.mkdir(parents=True, exist_ok=True)
-        (prepared.output_dir / _RUN_FILE).write_text(json.dumps(prepared.settings, indent=1))
+    _quiet(state, run.fine_tune.progress)
+    check_mixed_precision(run.fine_tune.mixed_precision, state.device)
+    output_dir = _output_dir(run)
+    if run.hub.push_to_hub:  # hub (issue 23): the Hub and a token that may write, before anything is loaded
+        check_hub(run.hub.hub_model_id or output_dir.name)
+    with _locked(output_dir, state, run.dry_run):
+        prepared = _prepare(run, state, output_dir)
+        if run.dry_run:
+            return plan(prepared, run)
+        summary = _train(prepared, run, state)
+        state.wait_for_everyone()
+        if run.hub.push_to_hub and state.is_main_process:  # hub: after the barrier, so a failed push holds no one
+            repo_id = run.hub.hub_model_id or output_dir.name
+            summary["commit_url"] = push_saved(summary["adapter_dir"], repo_id)  # (a failure says how to push later)
+    return summary
+
+
+def _train(prepared: _Run, run: RunArguments, state: PartialState) -> dict[str, Any]:
+    """Fine-tune (each checkpoint records the run's settings and data) and save (main process); returns the run's
+    summary."""
+    from ..training import fine_tune
+
+    target = prepared.target
     try:
-        result = fine_tune(  # (run_settings: logged to the trackers, issue 23)
-            prepared.target.model.model,
-            prepared.target.train,
-            prepared.target.eval,
+        result = fine_tune(  # (run_settings: recorded in each checkpoint and logged to the trackers)
+            target.model.model,
+            target.train,
+            target.eval,
             prepared.args,
             run_settings=prepared.settings,
+            data_fingerprint=target.fingerprint,
         )
         summary = _summary(prepared, result, state)
         if state.is_main_process:
             _save(prepared, run, result, summary)
     except KeyboardInterrupt:
         raise Interrupted(_where_it_stopped(prepared)) from None
-    state.wait_for_everyone()
-    if (
-        run.hub.push_to_hub and state.is_main_process
-    ):  # hub (issue 23): after the barrier, so a failed push holds no one
-        repo_id = run.hub.hub_model_id or prepared.output_dir.name
-        summary["commit_url"] = push_saved(summary["adapter_dir"], repo_id)  # (a failure says how to push later)
     return summary
 
 
@@ -297,7 +321,7 @@ def _summary(prepared: _Run, result: Any, state: PartialState) -> dict[str, Any]
 
 
 def _save(prepared: _Run, run: RunArguments, result: Any, summary: dict[str, Any]) -> None:
-    """Save the adapter with its model card and `metrics.json` (main process)."""
+    """Save the adapter with its model card, the run's settings (`run_args.json`) and `metrics.json` (main process)."""
     from ..hub import render_model_card, save_adapter_with_card
 
     data, repo_id = run.data, run.hub.hub_model_id or prepared.output_dir.name
@@ -316,7 +340,8 @@ def _save(prepared: _Run, run: RunArguments, result: Any, summary: dict[str, Any
         new_labels=prepared.target.labels.kind in ("renamed", "new-head"),
     )
     save_adapter_with_card(result.model, Path(summary["adapter_dir"]), card)
-    (prepared.output_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    write_file(prepared.output_dir / _RUN_FILE, json.dumps(prepared.settings, indent=1))
+    write_file(prepared.output_dir / "metrics.json", json.dumps(summary, indent=1))
 
 
 def plan(prepared: _Run, run: RunArguments) -> dict[str, Any]:

@@ -30,9 +30,10 @@ from typing import Any
 
 import datasets
 
+from ..data_fingerprint import fingerprint_data
 from ..errors import InputError
 from ..experiments import demo
-from ..experiments.data import DEFAULT_TRAIN_N, SOURCE_SHIFTS, load_image_dataset, make_target
+from ..experiments.data import DEFAULT_TRAIN_N, DIGITS, SOURCE_SHIFTS, load_image_dataset, make_target
 from ..experiments.shifts import SEVERITIES
 from ..labels import LabelMap, match_labels
 from .arguments import RunArguments, is_builtin_demo
@@ -50,7 +51,8 @@ class Target:
     """What a run trains (or ranks) on: the loaded model, how the dataset's labels met its labels, the image size and
     where it came from, the model-ready splits (`train`; `eval` unless none was asked for; self-training's
     `unlabeled`; the `public` data a private PCA is fitted on), the number of images per split (with the `source` half
-    when one was cut off) and a line saying how many went where and why."""
+    when one was cut off), a line saying how many went where and why, and the dataset's `fingerprint`
+    (`surgical_peft.data_fingerprint`; for the built-in digits, their name and number), which checkpoints record."""
 
     model: LoadedModel
     labels: LabelMap
@@ -61,6 +63,7 @@ class Target:
     public: datasets.Dataset | None
     counts: dict[str, int]
     message: str
+    fingerprint: dict[str, Any]
 
     def describe(self) -> str:
         """The data, labels and image size lines a run prints."""
@@ -198,6 +201,8 @@ def load_target(run: RunArguments, *, use: str = "training", keep_head: bool = F
             skip_unreadable=data.skip_unreadable_images,
             cache_dir=cache_dir,
         )
+        builtin = {"source": DIGITS, "rows": dataset.num_rows}  # scikit-learn's, unchanging
+        fingerprint = builtin if data.dataset == DIGITS else fingerprint_data(data.dataset, dataset)
         names, model_names = dataset.features["label"].names, model_labels(run.model.model)
         labels = match_labels(names, model_names, new_head=run.model.new_head)
         if keep_head and labels.new_head:
@@ -227,6 +232,7 @@ def load_target(run: RunArguments, *, use: str = "training", keep_head: bool = F
         public=prepared["public"],
         counts=counts,
         message=_describe(run, dataset.num_rows, counts, reason, use),
+        fingerprint=fingerprint,
     )
 
 

@@ -23,6 +23,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -33,6 +34,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import InputError
 from . import shifts
+from .images import to_rgb, unreadable_mode
 
 __all__ = [
     "DEFAULT_TRAIN_N",
@@ -112,7 +114,8 @@ def _find_column(dataset: datasets.Dataset, column: str | None, kind: type, role
 
 
 def _unreadable_images(dataset: datasets.Dataset, column: str) -> list[tuple[int, str]]:
-    """The rows of `column` whose image cannot be decoded, with the file (or row) each came from."""
+    """The rows of `column` whose image cannot be decoded, or read as RGB at a known scale (`images.unreadable_mode`),
+    with the file (or row) each came from and why."""
     unreadable = []
     raw = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
     for row, example in enumerate(raw):
@@ -121,8 +124,11 @@ def _unreadable_images(dataset: datasets.Dataset, column: str) -> list[tuple[int
         try:
             with Image.open(source) as opened:
                 opened.load()
+                reason = unreadable_mode(opened)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # PIL's ways to fail
-            unreadable.append((row, f"{image.get('path') or f'row {row}'} ({type(error).__name__})"))
+            reason = type(error).__name__
+        if reason is not None:
+            unreadable.append((row, f"{image.get('path') or f'row {row}'} ({reason})"))
     return unreadable
 
 
@@ -134,12 +140,52 @@ def _drop_unreadable(dataset: datasets.Dataset, column: str, skip: bool) -> data
     names = ", ".join(name for _, name in unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
     if not skip:
         raise InputError(
-            f"{len(unreadable)} image(s) of the dataset cannot be read: {names}. Remove or fix them, or skip them "
-            "(skip_unreadable=True; on the command line --skip-unreadable-images)."
+            f"{len(unreadable)} image(s) of the dataset cannot be read: {names}. Remove or fix them (a 32-bit image "
+            "is read at a known scale only with values within 0 to 65535, or 0 to 1 for floats: save others as 8- or "
+            "16-bit images), or skip them (skip_unreadable=True; on the command line --skip-unreadable-images)."
         )
     warnings.warn(f"Skipping {len(unreadable)} unreadable image(s): {names}.", stacklevel=3)
     bad = {row for row, _ in unreadable}
     return dataset.select([row for row in range(dataset.num_rows) if row not in bad])
+
+
+def _class_folders(dataset: datasets.Dataset, source: str) -> list[tuple[str, ...]] | None:
+    """Each image's path below the folders all of them share (`datasets`' split folder, e.g. `train/`), as parts:
+    `("cat", "1.png")` in the `imagefolder` layout; `None` for other datasets than a folder of images alone."""
+    if set(dataset.column_names) - {"image", "label"} or "image" not in dataset.column_names:
+        return None
+    root = Path(source).resolve()
+    paths = [image.get("path") for image in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+    if not paths or not all(path and Path(path).resolve().is_relative_to(root) for path in paths):
+        return None
+    relative = [Path(path).resolve().relative_to(root).parts for path in paths]
+    shared = 0  # leading folders every image shares, above the class folders
+    while all(len(parts) > shared + 2 for parts in relative) and len({parts[shared] for parts in relative}) == 1:
+        shared += 1
+    inner = [parts[shared:] for parts in relative]
+    return inner if all(len(parts) >= 2 for parts in inner) else None
+
+
+def _label_by_top_folders(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
+    """A folder whose images sit deeper than one folder per class (`cat/left/1.png`, `dog/right/2.png`), labelled by
+    its top-level folders (`cat`, `dog`), as torchvision's `ImageFolder` labels it, with a warning naming the layout
+    found; any other dataset as it is. (`datasets`' imagefolder names each class after the folder that holds the image,
+    `left` and `right` here, and drops the labels of images that sit at different depths.)"""
+    inner = _class_folders(dataset, source)
+    if inner is None or all(len(parts) == 2 for parts in inner):
+        return dataset
+    classes = sorted({parts[0] for parts in inner})
+    layout = sorted({"/".join(parts[:-1]) for parts in inner if len(parts) > 2})
+    warnings.warn(
+        f"The images of {source} sit in subfolders of the class folders ({', '.join(layout[:3])}"
+        f"{', ...' if len(layout) > 3 else ''}): the classes are the top-level folders, {', '.join(classes[:5])}"
+        f"{', ...' if len(classes) > 5 else ''} ({len(classes)} in all), as torchvision's ImageFolder takes them "
+        "(datasets' imagefolder would name each class after the innermost folder).",
+        stacklevel=3,
+    )
+    labels = [classes.index(parts[0]) for parts in inner]
+    dataset = dataset.remove_columns([name for name in dataset.column_names if name == "label"])
+    return dataset.add_column("label", labels, feature=datasets.ClassLabel(names=classes))
 
 
 def _check_classes(dataset: datasets.Dataset, source: str, label_column: str | None) -> None:
@@ -171,8 +217,8 @@ def load_image_dataset(
 
     Args:
         source: `"digits"` (built in, offline, see `load_digits`), a Hub dataset id (offline, from the local cache
-            with `HF_DATASETS_OFFLINE=1`), or a local directory (`imagefolder` layout: one folder per class, or
-            anything else `datasets.load_dataset` reads from a directory).
+            with `HF_DATASETS_OFFLINE=1`), or a local directory (`imagefolder` layout: one folder per class, whose
+            images may sit in subfolders of it; or anything else `datasets.load_dataset` reads from a directory).
         split: the split to load (`"digits"` has only `"train"`).
         image_column: the image column; default: the first column with the `datasets.Image` feature.
         label_column: the label column; default: the first `ClassLabel` column. A column of integers or strings
@@ -218,6 +264,8 @@ def load_image_dataset(
             f"Cannot load dataset {source!r} as a {where}: {error}. Valid sources: a Hub dataset id (cached when "
             f"offline), an imagefolder directory, or {DIGITS!r}."
         ) from error
+    if os.path.isdir(source) and label_column is None:
+        dataset = _label_by_top_folders(dataset, source)
     _check_classes(dataset, source, label_column)
     image = _find_column(dataset, image_column, datasets.Image, "image", "image_column")
     label = _find_column(dataset, label_column, datasets.ClassLabel, "label", "label_column")
@@ -458,7 +506,7 @@ def image_transform(
         return (pixels - mean) / std
 
     def transform(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        images = [image.convert("RGB") for image in batch["image"]]
+        images = [to_rgb(image) for image in batch["image"]]
         if image_processor is not None and image_size is None:
             pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
         else:

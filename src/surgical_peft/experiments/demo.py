@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from ..blocks import list_blocks
-from ..files import staged_directory
+from ..files import staged_directory, write_file
 from ..plots import bar_chart
 from ..training import FineTuneArguments, evaluate_accuracy, fine_tune
 from .data import load_digits, make_target, preprocess, split_source_target, split_target
@@ -329,7 +329,7 @@ def demo(
     result = DemoResult(
         accuracy, std, chosen, source_accuracy, best, str(chart), time.perf_counter() - start, settings
     )
-    (output / "results.json").write_text(json.dumps(asdict(result), indent=1))
+    write_file(output / "results.json", json.dumps(asdict(result), indent=1))
     if progress:
         print(
             f"Source model: small ResNet, {100 * source_accuracy:.1f}% on held-out source digits. Target: {target}, "

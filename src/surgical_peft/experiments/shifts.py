@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+from ..plots import save_figure
+from .images import WIDE_MODES, to_rgb
 
 __all__ = [
     "CORRUPTIONS",
@@ -232,10 +234,11 @@ def _lookup(corruption: str, severity: int) -> tuple[_Corruption, Any]:
 
 
 def _apply(image: Image.Image, function: _Corruption, parameter: Any, rng: np.random.Generator) -> Image.Image:
-    """Corrupt ``image``; modes other than ``L`` and ``RGB`` go through ``RGB`` and back, keeping any alpha band."""
-    base = image if image.mode in ("L", "RGB") else image.convert("RGB")
+    """Corrupt ``image``; other 8-bit modes than ``L`` and ``RGB`` go through ``RGB`` and back, keeping any alpha band;
+    16- and 32-bit modes come out as 8-bit ``RGB`` (``images.to_rgb``)."""
+    base = image if image.mode in ("L", "RGB") else to_rgb(image)
     result = _to_image(function(_to_array(base), parameter, rng))
-    if image.mode == result.mode:
+    if image.mode == result.mode or image.mode in WIDE_MODES:
         return result
     result = result.convert(image.mode)
     if "A" in image.getbands():
@@ -515,7 +518,7 @@ def _pixel_features(dataset: datasets.Dataset, column: str) -> np.ndarray:
     """Every image as RGB downsampled to 8x8, flattened to floats in [0, 1]."""
     return np.stack(
         [
-            np.asarray(image.convert("RGB").resize((8, 8), Image.Resampling.BOX), dtype=np.float64).ravel() / 255.0
+            np.asarray(to_rgb(image).resize((8, 8), Image.Resampling.BOX), dtype=np.float64).ravel() / 255.0
             for batch in dataset.select_columns(column).iter(batch_size=_MAP_BATCH_SIZE)
             for image in batch[column]
         ]
@@ -689,11 +692,10 @@ def plot_corruption_grid(
     for row, corruption in zip(axes, CORRUPTIONS, strict=True):
         panels = [image, *(corrupt_image(image, corruption, severity, seed=seed) for severity in severities)]
         for ax, panel in zip(row, panels, strict=True):
-            ax.imshow(np.asarray(panel.convert("RGB")), interpolation="nearest")
+            ax.imshow(np.asarray(to_rgb(panel)), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
         row[0].set_ylabel(corruption.replace("_", " "), rotation=0, horizontalalignment="right")
     for ax, title in zip(axes[0], titles, strict=True):
         ax.set_title(title, fontsize="medium")
-    figure.savefig(path, dpi=100)
-    return pathlib.Path(path)
+    return save_figure(figure, path, dpi=100)

@@ -10,8 +10,8 @@ recipe and a metrics table.
 `write_model_card` is the one place a card file is written. PEFT's `save_pretrained` (and so `trainer.save_model`)
 writes this card too: PEFT has no per-method hook for the card it writes first, so the tuner routes PEFT's
 `PeftModel.create_or_update_model_card` (`surgical_peft.tuner._internals.route_model_cards`) to
-`write_card_on_save`, which writes this card for a surgical adapter and leaves every other model, and a README.md
-already in the directory, to PEFT.
+`write_card_on_save`, which writes this card for a surgical adapter (replacing a symlink named README.md, which PEFT
+would write through) and leaves every other model, and a README.md file already in the directory, to PEFT.
 
 Example:
     >>> import tempfile, torch
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 from .. import __version__
 from ..blocks import format_bytes
-from ..files import move_into_place
+from ..files import write_file
 from .tasks import task_of
 
 __all__ = [
@@ -234,26 +233,25 @@ def _versions() -> dict[str, str]:
 
 def write_model_card(directory: str | os.PathLike[str], card: str) -> Path:
     """Write `card` as `directory/README.md`, replacing the file atomically (a temporary file in `directory`, then a
-    rename: never half-written, never written through a symlink at that name). Returns its path.
+    rename, `surgical_peft.files.write_file`: never half-written, never written through a symlink at that name).
+    Returns its path.
 
     Example:
         >>> import tempfile
         >>> write_model_card(tempfile.mkdtemp(), "---\\nlibrary_name: peft\\n---\\n").name
         'README.md'
     """
-    target = Path(directory)
-    with tempfile.NamedTemporaryFile("w", dir=target, prefix=".README-", suffix=".partial", delete=False) as file:
-        file.write(card)
-    move_into_place(target, [(Path(file.name), CARD_NAME)])
-    return target / CARD_NAME
+    return write_file(Path(directory) / CARD_NAME, card)
 
 
 def write_card_on_save(model: Any, directory: str | os.PathLike[str]) -> bool:
     """What PEFT's `save_pretrained` runs for its card (see the module docstring): for a `PeftModel` whose active
-    adapter is a surgical one, and a directory without a README.md, write this package's card (`render_model_card`)
-    and return `True`; otherwise return `False`, and PEFT creates or updates its own."""
+    adapter is a surgical one, and a directory without a README.md file, write this package's card
+    (`render_model_card`) and return `True`; otherwise return `False`, and PEFT creates or updates its own. A symlink
+    named README.md counts as none: the card replaces it (PEFT would write through it, into the file it points to)."""
     config = model.peft_config.get(model.active_adapter)
-    if getattr(config, "peft_type", None) != "SURGICAL" or Path(directory, CARD_NAME).exists():
+    existing = Path(directory, CARD_NAME)
+    if getattr(config, "peft_type", None) != "SURGICAL" or (existing.exists() and not existing.is_symlink()):
         return False
     write_model_card(directory, render_model_card(model))
     return True

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..argparser import option_values
 from ..blocks import ALL, AUTO, HEAD
 from ..errors import InputError
 from .strategies import STRATEGIES
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from .loop import Examples
     from .strategies._base import Phase
 
-__all__ = ["DELTA_DTYPES", "LR_MODES", "MIXED_PRECISION", "FineTuneArguments", "FineTuneResult"]
+__all__ = ["DELTA_DTYPES", "LR_MODES", "MIXED_PRECISION", "RESUMABLE", "FineTuneArguments", "FineTuneResult"]
 
 LR_MODES = ("constant", "rgn")
 """`constant`, or `rgn`: each tensor's learning rate scaled by its relative gradient norm, every epoch (Auto-RGN)."""
@@ -40,6 +41,10 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 
 DELTA_DTYPES = ("float32", "bfloat16", "float16")  # a copy of tuner.config.DELTA_DTYPES, which imports PEFT
 """The dtypes the deltas may be saved in (`SurgicalConfig.delta_dtype`)."""
+
+RESUMABLE = ("epochs", "lp_epochs", "output_dir", "progress", "report_to", "run_name")
+"""The settings (option names) a rerun may change and still resume the run in `output_dir`: more epochs extend it,
+and the trackers may change; every other option defines the run (`FineTuneArguments.identity`)."""
 
 _SCHEDULES = "schedules and self-training"  # a section of the command line's help
 _STRATEGIES_HELP = "; ".join(f"{name}: {STRATEGIES.literal(name, 'description')}" for name in STRATEGIES.names)
@@ -267,6 +272,19 @@ class FineTuneArguments:
             raise InputError(
                 f"Unknown mixed_precision {self.mixed_precision!r}. Valid: {', '.join(MIXED_PRECISION)} (or None)."
             )
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define a run of these arguments, by option name, with the privacy settings: every option
+        but `RESUMABLE` and those left `None`. Each checkpoint records them, and a rerun resumes only under the same.
+
+        Example:
+            >>> identity = FineTuneArguments(blocks=["stage1"], epochs=3).identity()
+            >>> identity["block"], identity["lr"], "epochs" in identity
+            (['stage1'], 0.001, False)
+        """
+        settings = option_values(self)
+        settings.update(option_values(self.privacy) if self.privacy is not None else {})
+        return {name: value for name, value in sorted(settings.items()) if name not in RESUMABLE and value is not None}
 
     def phases(self) -> list[Phase]:
         """The phases of the strategy, in order."""

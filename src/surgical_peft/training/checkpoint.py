@@ -1,6 +1,7 @@
 """Checkpoints of a run, one per epoch under `<output_dir>/checkpoints/checkpoint_<n>` (`n` counts the epochs done,
 from 0): model, optimizer and RNG states (Accelerate's `save_state`) and a progress file, written last, that marks the
-checkpoint complete.
+checkpoint complete. The progress file also records the run's identity (`surgical_peft.training.identity`): its
+settings, data and Accelerate's settings, which a rerun must share to resume it.
 
 From the first epoch on, a complete checkpoint exists at every instant, whenever the process is killed: a new one is
 written, flushed to disk (fsync), marked complete by its progress file (written to a temporary file, flushed and
@@ -38,7 +39,7 @@ import torch
 from accelerate import Accelerator
 
 from ..errors import InputError
-from ..files import fsync, move_into_place, reporting_full_disk
+from ..files import fsync, reporting_full_disk, write_file
 from ..tuner.layer import deduplicate_state_dict
 
 if TYPE_CHECKING:
@@ -52,17 +53,19 @@ _NAME = re.compile(r"checkpoint_(\d+)")
 # sampler, random_states, scaler, custom_checkpoint; FSDP: directories of those names) and the progress file.
 _OWN_ENTRY = re.compile(
     r"(model|pytorch_model|optimizer|scheduler|sampler|random_states|scaler|custom_checkpoint)(_\w+)?(\.\w+)?"
-    rf"|\.?{re.escape(_PROGRESS_FILE)}(\.partial)?"
+    rf"|{re.escape(_PROGRESS_FILE)}|\.{re.escape(_PROGRESS_FILE)}\.\w+\.partial"  # (and `files.write_file`'s staging)
 )
 
 
 @dataclass
 class Progress:
-    """Where a run stands: the phase it is in, epochs done per phase, and the per-epoch history."""
+    """Where a run stands: the phase it is in, epochs done per phase, the per-epoch history, and what the run is
+    (`identity`: an `identity.RunIdentity` as a dict; empty in a checkpoint of an earlier version)."""
 
     phase: int = 0
     epochs_done: list[int] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    identity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def number(self) -> int:
@@ -132,9 +135,7 @@ def _mark_complete(checkpoint: Path, progress: Progress) -> None:
     for path in sorted(checkpoint.rglob("*"), reverse=True):  # files before the directories that hold them
         fsync(path)
     fsync(checkpoint)
-    partial = checkpoint / f".{_PROGRESS_FILE}.partial"
-    partial.write_text(json.dumps(asdict(progress), indent=1))
-    move_into_place(checkpoint, [(partial, _PROGRESS_FILE)])
+    write_file(checkpoint / _PROGRESS_FILE, json.dumps(asdict(progress), indent=1))
     fsync(checkpoint.parent)
 
 

@@ -9,7 +9,12 @@ main process shows progress bars and writes files.
 A resumed run is bit-identical to the uninterrupted one: the checkpoint holds the model, optimizer and RNG states;
 the data order of an epoch depends only on the seed, the phase and the epoch (`epoch_seed`), not on what ran in this
 process before it; and a feature cache is refilled as the epochs before the checkpoint filled it (the frozen prefix
-gives other bits for one example alone than in a batch, so the batches it ran on matter).
+gives other bits for one example alone than in a batch, so the batches it ran on matter). A rerun resumes only the
+same run (`identity`: the same settings, data and Accelerate settings, for as many epochs or more).
+
+A tuned BatchNorm layer normalises each channel over the batch, which a batch of one image cannot give where the
+feature map is 1x1: where one trains, a last batch of one is left out of every epoch (and the run says so), and a
+training set or batch size that gives only batches of one is refused.
 
 Example:
     >>> import torch
@@ -30,7 +35,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import PeftModel
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
 from ..blocks import ALL, AUTO, BlockMap, list_blocks, unwrap_model
@@ -53,6 +59,7 @@ from .arguments import FineTuneArguments, FineTuneResult
 from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from .epoch import train_epoch
 from .evaluation import evaluate_accuracy
+from .identity import RunIdentity, accelerate_settings, check_resumable
 from .optimizer import block_depths, make_optimizer, scale_learning_rates_by_rgn
 from .strategies import STRATEGIES
 from .strategies._base import Phase
@@ -128,6 +135,41 @@ def _surgical_model(model: nn.Module, args: FineTuneArguments) -> PeftModel:
     return quiet_get_peft_model(model, adapter_config(args))
 
 
+def _tuned_batch_norms(model: PeftModel) -> list[str]:
+    """The BatchNorm layers (module paths) whose parameters train: in training mode, they normalise over the batch."""
+    return [
+        name
+        for name, module in model.base_model.model.named_modules()
+        if isinstance(module, _BatchNorm) and any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+
+
+def _drops_last_batch(model: PeftModel, examples: int, args: FineTuneArguments, accelerator: Accelerator) -> bool:
+    """Whether the training loader leaves out a last batch of one (where a BatchNorm layer trains, which a batch of
+    one cannot train where its feature map is 1x1), saying so; an `InputError` where every batch would be one."""
+    norms = _tuned_batch_norms(model)
+    if not norms or examples < 1:
+        return False
+    shown = ", ".join(norms[:3]) + (f" and {len(norms) - 3} more" if len(norms) > 3 else "")
+    if examples == 1 or args.batch_size == 1:
+        cause = "one training image gives" if examples == 1 else "batch_size=1 (--batch-size 1) gives"
+        fix = "train on at least 2 images (--train-n)" if examples == 1 else "use batch_size 2 or more (--batch-size)"
+        raise InputError(
+            f"{cause} batches of one image, and the tuned BatchNorm layers ({shown}) normalise each channel over the "
+            f"batch, which needs more than one value per channel: {fix}, or tune a block without BatchNorm (e.g. the "
+            "head)."
+        )
+    if examples % args.batch_size != 1:
+        return False
+    if accelerator.is_main_process:
+        logger.info(
+            f"The last batch of each epoch would hold 1 image of {examples}, which the tuned BatchNorm layers "
+            f"({shown}) cannot train on (they normalise over the batch): it is left out, so each epoch trains on "
+            f"{examples - 1} of the {examples} images (another one each epoch)."
+        )
+    return True
+
+
 def _start(
     model: nn.Module,
     train_dataset: Examples,
@@ -136,11 +178,13 @@ def _start(
     accelerator: Accelerator,
     owns_accelerator: bool,
     tracker: RunTracker,
+    resume: tuple[Path, Progress] | None,
+    identity: RunIdentity,
 ) -> _Run:
     peft_model = _surgical_model(model, args)
     generator = torch.Generator()
     indexed = IndexedDataset(train_dataset) if args.cache_features else train_dataset  # the cache keys by index
-    resume = latest_checkpoint(args.output_dir)
+    drop_last = _drops_last_batch(peft_model, len(train_dataset), args, accelerator)
     if resume is not None and accelerator.is_main_process:
         checkpoint, progress = resume
         done, total = progress.epochs_of(args.phases())
@@ -154,10 +198,12 @@ def _start(
         model=peft_model,
         block_map=list_blocks(peft_model),
         train_dataset=train_dataset,
-        train_loader=DataLoader(indexed, batch_size=args.batch_size, shuffle=True, generator=generator),
+        train_loader=DataLoader(
+            indexed, batch_size=args.batch_size, shuffle=True, generator=generator, drop_last=drop_last
+        ),
         shuffle=generator,
         eval_loader=DataLoader(eval_dataset, batch_size=args.batch_size) if eval_dataset is not None else None,
-        progress=resume[1] if resume else Progress(),
+        progress=resume[1] if resume else Progress(identity=asdict(identity)),
         resume_from=resume[0] if resume else None,
         owns_accelerator=owns_accelerator,
         tracker=tracker,
@@ -303,6 +349,7 @@ def fine_tune(
     *,
     accelerator: Accelerator | None = None,
     run_settings: Mapping[str, Any] | None = None,
+    data_fingerprint: Mapping[str, Any] | None = None,
 ) -> FineTuneResult:
     """Fine-tune `model` (a transformers image classifier, or a `PeftModel` with a surgical adapter) on
     `train_dataset`, a dataset of `{"pixel_values": tensor, "labels": int}` examples.
@@ -311,18 +358,22 @@ def fine_tune(
     `PeftModel` is trained as it is (its active adapter). Returns the `PeftModel` (unwrapped from DDP), the final
     metrics (`train_loss`, `eval_accuracy` when `eval_dataset` is given) and per-epoch history. With
     `args.output_dir`, every epoch is checkpointed there and a rerun resumes from the latest checkpoint, bit-identical
-    to an uninterrupted run. With `args.report_to`, the run's settings (`args`, the model's name, the data's sizes and
-    `run_settings`, e.g. the command line's model and data options) and every epoch's loss and accuracy go to those
-    trackers (`surgical_peft.training.tracking`).
+    to an uninterrupted run. Each checkpoint records what defines the run (`surgical_peft.training.identity`):
+    `args.identity()` with `run_settings` (a caller's own settings, e.g. the command line's model and data options),
+    `data_fingerprint` (`surgical_peft.data_fingerprint`) and the settings the accelerator resolved (mixed precision,
+    gradient accumulation, processes); a rerun resumes only under the same, for as many epochs or more. With
+    `args.report_to`, the run's settings (`args`, the model's name, the data's sizes and `run_settings`) and every
+    epoch's loss and accuracy go to those trackers (`surgical_peft.training.tracking`).
 
     Each epoch logs one line (train loss, eval accuracy) at INFO on the main process, and a rerun says where it
     resumes (`logging.getLogger("surgical_peft")`; the command line prints them).
 
     Raises:
         InputError: for fp16 on a CPU, a caller's `accelerator` that names checkpoints itself or comes with
-            `args.report_to` (a caller's accelerator brings its own trackers: `Accelerator(log_with=...)`), or data
+            `args.report_to` (a caller's accelerator brings its own trackers: `Accelerator(log_with=...)`), data
             whose class names (a `datasets` `ClassLabel`) are not the model's labels in its order
-            (`surgical_peft.labels`).
+            (`surgical_peft.labels`), an `output_dir` whose checkpoints are another run's or a longer one's
+            (`identity.check_resumable`), or only batches of one image where a BatchNorm layer trains.
         TrainingError: when a loss or a trained tensor is not finite (nothing of that epoch is saved).
     """
     args = args or FineTuneArguments()
@@ -341,11 +392,21 @@ def fine_tune(
             "fine_tune names its checkpoints itself (under output_dir/checkpoints); pass an Accelerator without "
             "ProjectConfiguration(automatic_checkpoint_naming=True), or no output_dir."
         )
+    identity = RunIdentity(
+        settings=dict(sorted({**args.identity(), **(run_settings or {})}.items())),
+        data=dict(data_fingerprint) if data_fingerprint is not None else None,
+        accelerate=accelerate_settings(accelerator),
+    )
+    resume = latest_checkpoint(args.output_dir)
+    if resume is not None:  # before anything is computed, loaded or logged
+        check_resumable(Path(args.output_dir), resume[1], identity, args.phases(), args)
     settings = {"model": getattr(unwrap_model(model), "name_or_path", None) or type(model).__name__}
     settings.update(train_examples=len(train_dataset), eval_examples=len(eval_dataset or []), **(run_settings or {}))
     tracker = RunTracker(accelerator, args, settings)
     try:
-        result = _fine_tune(model, train_dataset, eval_dataset, args, accelerator, callers_accelerator, tracker)
+        result = _fine_tune(
+            model, train_dataset, eval_dataset, args, accelerator, callers_accelerator, tracker, resume, identity
+        )
     finally:
         tracker.finish()
     if callers_accelerator:  # release what this call prepared; an accelerator of our own just goes away
@@ -361,7 +422,11 @@ def _fine_tune(
     accelerator: Accelerator,
     callers_accelerator: bool,
     tracker: RunTracker,
+    resume: tuple[Path, Progress] | None,
+    identity: RunIdentity,
 ) -> FineTuneResult:
+    """`fine_tune` once its accelerator and trackers are set up, with the checkpoint to `resume` (checked to be this
+    run's, `identity`)."""
     set_seed(args.seed)
     strategy = STRATEGIES.get(args.strategy)
     if hasattr(strategy, "run"):  # a strategy that runs itself (dp-linear-probe: full-batch NoisyGD)
@@ -371,7 +436,8 @@ def _fine_tune(
         return result
     if args.blocks == [AUTO]:
         args = _resolve_auto(model, train_dataset, args, accelerator)
-    run = _start(model, train_dataset, eval_dataset, args, accelerator, not callers_accelerator, tracker)
+    owns_accelerator = not callers_accelerator
+    run = _start(model, train_dataset, eval_dataset, args, accelerator, owns_accelerator, tracker, resume, identity)
     last_accuracy = None  # eval accuracy after this call's last epoch
     for index, phase in enumerate(args.phases()):
         accuracy = _run_phase(run, index, phase)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -208,17 +209,15 @@ def _predict(
 
 
 def _write_csv(output: Path, rows: list[dict[str, Any]]) -> None:
-    """The CSV, written into a staging directory beside `output` and renamed over it when complete."""
-    from ...files import move_into_place, staging_inside
+    """The CSV, written to a temporary file beside `output` and renamed over it when complete
+    (`surgical_peft.files.write_file`: a symlink at `output` is replaced, never written through)."""
+    from ...files import write_file
 
-    directory = output.absolute().parent
-    with staging_inside(directory) as staging:
-        staged = staging / output.name
-        with staged.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=_COLUMNS)
-            writer.writeheader()
-            writer.writerows({**row, "true_label": row["true_label"] or ""} for row in rows)
-        move_into_place(directory, [(staged, output.name)])
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=_COLUMNS)
+    writer.writeheader()
+    writer.writerows({**row, "true_label": row["true_label"] or ""} for row in rows)
+    write_file(output, text.getvalue())
 
 
 def _print_accuracy(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...argparser import add_dataclass_arguments, dataclass_from_options
 from ...criteria import CRITERIA
+from ...files import write_file
 from ...training.arguments import FineTuneArguments
 from ..arguments import MODEL_HELP, DataArguments, ModelArguments, RunArguments
 
@@ -110,7 +110,7 @@ def _report(ranking: BlockRanking, args: argparse.Namespace) -> None:
     if args.plot:
         print(f"plot: {ranking.plot(args.plot)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(ranking.to_dict(), indent=1))
+        write_file(args.json, json.dumps(ranking.to_dict(), indent=1))
         print(f"scores: {args.json}")
 
 
