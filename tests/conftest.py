@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -13,6 +14,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 import surgical_peft  # noqa: F401  (registers the SURGICAL peft type)
+
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
+"""`accelerate launch` of the tests' own interpreter (an `accelerate` first on PATH may belong to another Python)."""
 
 # The models are tiny: a second thread buys nothing and, on a busy machine, costs up to 100x in OpenMP contention.
 torch.set_num_threads(1)

@@ -6,14 +6,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from conftest import build_model
+from conftest import ACCELERATE_LAUNCH, build_model
 from peft import PeftModel
 from tensorboard.backend.event_processing import event_accumulator
 from transformers import AutoModelForImageClassification
@@ -24,13 +23,12 @@ DIGEST = re.compile(r"\[process (\d+)/(\d+)\] adapter sha256 ([0-9a-f]{64})")
 
 
 def test_two_processes_train_one_adapter(tmp_path: Path, pixel_values: torch.Tensor) -> None:
-    accelerate = shutil.which("accelerate") or pytest.skip("the accelerate command is not installed")
     model_dir = tmp_path / "model"
     model = build_model("resnet-basic", num_labels=10)
     model.config.image_size = 32
     model.save_pretrained(model_dir)
     output = tmp_path / "run"
-    command = [accelerate, "launch", "--config_file", str(CONFIG), str(ROOT / "examples" / "train.py")]
+    command = [*ACCELERATE_LAUNCH, "--config_file", str(CONFIG), str(ROOT / "examples" / "train.py")]
     command += ["--model", str(model_dir), "--block", "stage1", "--lr", "0.01", "--train-n", "40", "--eval-n", "20"]
     command += ["--epochs", "1", "--batch-size", "5", "--output-dir", str(output), "--no-progress"]
     command += ["--report-to", "tensorboard"]

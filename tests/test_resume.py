@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import ACCELERATE_LAUNCH
 
 from surgical_peft.cli import main
 from surgical_peft.training.checkpoint import latest_checkpoint
@@ -50,8 +50,7 @@ def run_killed(
     says (see kill_driver.py)."""
     command = [sys.executable, str(DRIVER)]
     if processes == 2:
-        accelerate = shutil.which("accelerate") or pytest.skip("the accelerate command is not installed")
-        command = [accelerate, "launch", "--config_file", str(TWO_PROCESSES), str(DRIVER)]
+        command = [*ACCELERATE_LAUNCH, "--config_file", str(TWO_PROCESSES), str(DRIVER)]
     env = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", **kill)
     return subprocess.run([*command, *argv], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
