@@ -28,8 +28,8 @@ Categories (one per attempt):
 - clear error: refused with an `InputError` (or a `ValueError`) whose message names the file (area A: the adapter
   directory's path; a base mismatch names the blocks instead), or, from the command line, exit status 2 with a
   one-line message (argparse's usage error counts) and the output directory as it was;
-- documented: it did what the README or a docstring says (cited in the note), e.g. a valid adapter loads and
-  reproduces the tuned model's logits to 1e-5;
+- documented: it did what the documentation (docs/) or a docstring says (cited in the note), e.g. a valid adapter
+  loads and reproduces the tuned model's logits to 1e-5;
 - crash: any other exception (a raw type, an error that does not name the file, or a refusal that does not name the
   cause the attempt set up), a message longer than `LONGEST_MESSAGE` characters, a traceback, a hang (no result within
   the attempt's timeout) or a dead process;
@@ -112,12 +112,20 @@ CATEGORIES = {
 AREAS = {"A": "adapter files on load", "B": "saving", "C": "command line", "D": "training and resume"}
 NOT_NAMED = " (does not name the file)"
 UNSEALED_VALUES = (
-    "README 'Safety': a file of PEFT's save_pretrained is unsealed (no checksum), and its finite values load as they "
-    "are, however large"
+    "docs/guides/safety.md: a file of PEFT's save_pretrained is unsealed (no checksum), and its finite values load as "
+    "they are, however large"
 )
-ANOTHER_METHOD = "README 'Safety': a config naming another PEFT method is that method's adapter, read by PEFT's code"
-PEFT_SAVE = "README 'Safety': PEFT's own save_pretrained raises PEFT's errors (FileNotFoundError for an empty path)"
-LOADS_EXACTLY = "README 'How it works': a loaded adapter reproduces the tuned model's eval-mode logits to 1e-5"
+ANOTHER_METHOD = (
+    "docs/guides/safety.md: a config naming another PEFT method is that method's adapter, read by PEFT's code"
+)
+PEFT_SAVE = (
+    "docs/guides/safety.md: PEFT's own save_pretrained raises PEFT's errors (FileNotFoundError for an empty path)"
+)
+CONFIG_ALONE = (
+    "SurgicalConfig.from_pretrained docstring: a directory with the config alone reads as a config (PEFT's config "
+    "suite); loading it as an adapter is refused"
+)
+LOADS_EXACTLY = "docs/method.md 'How it works': a loaded adapter reproduces the tuned model's eval-mode logits to 1e-5"
 HEADER_ONLY = (
     "SurgicalConfig.from_pretrained docstring: a config read checks the weights file's header only; the tensors are "
     "checked when the adapter is added to a model"
@@ -437,6 +445,7 @@ class Damage:
     entries: tuple[str, ...] = ENTRY_POINTS
     doubt: str = ""  # appended to the note of a finding this battery is unsure of
     peft_owned: str = ""  # a documented behaviour when PEFT's own code (not the library's) raises on it
+    config_alone: str = ""  # a documented behaviour when a config reader returns the config (the adapter is refused)
 
 
 def _load_config(entry: str, directory: Path, damage: Damage) -> Outcome:
@@ -448,6 +457,8 @@ def _load_config(entry: str, directory: Path, damage: Damage) -> Outcome:
     wrong = damage.config_check(config) if damage.config_check else None
     if wrong:
         return Outcome("silent", f"returned {type(config).__name__} with {wrong}")
+    if damage.config_alone:
+        return Outcome("documented", f"returned the config ({damage.config_alone})")
     reads_header = entry.startswith("Surgical")
     refusable = not damage.needs_model and not damage.in_data and (damage.kind == "config" or reads_header)
     if damage.expect == "refuse" and refusable:
@@ -813,7 +824,7 @@ def weights_damages() -> list[Damage]:
     data = {"kind": "weights", "in_data": True}
     model = {"kind": "weights", "needs_model": True}
     unsealed_flip = (
-        "README 'Safety' and serialization.py docstring: only save_adapter seals (checksums) the "
+        "docs/guides/safety.md and serialization.py docstring: only save_adapter seals (checksums) the "
         "weights; files written by PEFT's save_pretrained have no checksum and still load"
     )
     return [
@@ -912,7 +923,7 @@ def weights_damages() -> list[Damage]:
             **model,
         ),
         Damage("a header naming a tensor twice", _name_twice, **weights),
-        Damage("weights file missing", lambda d: (d / WEIGHTS).unlink(), **weights),
+        Damage("weights file missing", lambda d: (d / WEIGHTS).unlink(), config_alone=CONFIG_ALONE, **weights),
         Damage("weights file is a directory", lambda d: ((d / WEIGHTS).unlink(), (d / WEIGHTS).mkdir()), **weights),
         Damage(
             "weights file is /dev/zero",
@@ -1030,7 +1041,8 @@ def _verify_base_false_by_caller(work: Path) -> Outcome:
     ok = isinstance(model, PeftModel)
     return Outcome(
         "documented" if ok else "silent",
-        "the caller's verify_base=False loads onto another base (README 'Safety': `verify_base=False` overrides it)",
+        "the caller's verify_base=False loads onto another base (docs/guides/safety.md: `verify_base=False` "
+        "overrides it)",
     )
 
 
@@ -1081,7 +1093,7 @@ def area_a() -> list[Attempt]:
 # ------------------------------------------------------------------------------------------------------- B: saving
 ADAPTER_FILES = {"README.md", CONFIG, WEIGHTS}
 OWN_FILES_ONLY = (
-    "README 'Safety': save_adapter writes only adapter_model.safetensors, adapter_config.json and "
+    "docs/guides/safety.md: save_adapter writes only adapter_model.safetensors, adapter_config.json and "
     "README.md into path, touching nothing else there"
 )
 
@@ -1348,7 +1360,7 @@ def save_broken_model(writer: str, problem: str) -> Callable[[Path], Outcome]:
         return Outcome(
             "silent",
             f"{writer} saved {'finite' if finite else 'non-finite'} deltas of a {problem} model "
-            "without an error (README 'Safety': non-finite deltas and float16 overflow are refused at "
+            "without an error (docs/guides/safety.md: non-finite deltas and float16 overflow are refused at "
             "save; the previous adapter was replaced)",
         )
 
@@ -1620,7 +1632,7 @@ def _pickle_save(work: Path) -> Outcome:
     which, how = loads_as(directory)
     return Outcome(
         "documented" if which == "A" else "silent",
-        f"wrote adapter_model.bin; {how} (README 'Safety': "
+        f"wrote adapter_model.bin; {how} (docs/guides/safety.md: "
         "PEFT's own save_pretrained writes the files unsealed; tests: a .bin loads tensors-only)",
     )
 
@@ -1659,7 +1671,7 @@ TRAIN = [
 ]
 RANK = ["rank", "{model}", "digits", "--shift", "none", "--train-n", "30", "--num-batches", "1", "--batch-size", "10"]
 HUGE_INT, HUGE_FLOAT = str(10**12), "1e308"
-RAN = "a valid value: the run finished and saved a finite adapter (README 'Train, evaluate, share')"
+RAN = "a valid value: the run finished and saved a finite adapter (docs/guides/training.md 'What a run does')"
 
 
 def image_folder(root: Path, classes: tuple[str, ...], *, extra: Callable[[Path], None] | None = None) -> str:

@@ -159,6 +159,32 @@ def test_a_header_naming_a_tensor_twice_is_refused(
 
 
 # --------------------------------------------------------------------------------- 8: millions of names
+@pytest.mark.parametrize(
+    ("damage", "kind"),
+    [
+        (lambda weights: weights.mkdir(), "a directory"),
+        (lambda weights: weights.symlink_to("/dev/zero"), "a symlink to /dev/zero"),
+        (lambda weights: weights.symlink_to(weights.with_name("gone")), "which does not exist"),
+    ],
+    ids=["a directory", "/dev/zero", "a dangling symlink"],
+)
+def test_a_weights_file_that_is_no_file_is_refused_when_the_config_is_read(
+    damage: Callable[[Path], Any],
+    kind: str,
+    make_model: Callable[..., nn.Module],
+    train: Callable[..., None],
+    tmp_path: Path,
+) -> None:
+    """Only a directory without anything at the weights file's name holds a config alone (PEFT's
+    `config.save_pretrained`): something else there was read as that, and the damaged adapter as a valid config."""
+    adapter = saved_adapter(tmp_path / "adapter", make_model, train, block="stage1")
+    (adapter / WEIGHTS).unlink()
+    assert SurgicalConfig.from_pretrained(adapter).block == "stage1"  # the config alone
+    damage(adapter / WEIGHTS)
+    with pytest.raises(InputError, match=f"{adapter / WEIGHTS} is not a regular file \\(.*{kind}"):
+        SurgicalConfig.from_pretrained(adapter)
+
+
 def test_a_config_with_a_million_names_is_refused_at_once() -> None:
     names = [f"m{index}" for index in range(1_000_000)]
     cases = {

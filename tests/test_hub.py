@@ -17,6 +17,7 @@ from pathlib import Path
 
 import peft
 import pytest
+import torch
 import transformers
 from conftest import build_model
 from huggingface_hub import ModelCard
@@ -25,6 +26,7 @@ from torch import nn
 
 from surgical_peft import SurgicalConfig
 from surgical_peft.cli import main
+from surgical_peft.errors import InputError
 from surgical_peft.hub import BASE_MODEL_PLACEHOLDER, render_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,3 +393,22 @@ def test_save_pretrained_and_trainer_save_model_write_this_librarys_card(tmp_pat
     lora = peft.get_peft_model(build_model("resnet-basic"), peft.LoraConfig(target_modules=["classifier.1"]))
     lora.save_pretrained(tmp_path / "lora")  # another method's card is PEFT's own
     assert "import surgical_peft" not in (tmp_path / "lora" / "README.md").read_text()
+
+
+def test_save_pretrained_writes_its_card_after_the_weights(tmp_path: Path) -> None:
+    """PEFT writes its card before the weights: a second save rewrote this library's card as PEFT's own (its tags
+    gone), and a save refused for a NaN left a new card beside the old adapter."""
+    model = get_peft_model(build_model("resnet-basic"), SurgicalConfig(block="stage1"))
+    model.save_pretrained(tmp_path)
+    saved = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    model.save_pretrained(tmp_path)  # again: the same card, still this library's
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == saved
+    assert "surgical-fine-tuning" in front_matter(saved["README.md"])["tags"]
+
+    other = get_peft_model(build_model("resnet-basic"), SurgicalConfig(block="stage2"))
+    tuned = next(parameter for parameter in other.parameters() if parameter.requires_grad)
+    with torch.no_grad():
+        tuned.fill_(float("nan"))
+    with pytest.raises(InputError, match="was not saved"):
+        other.save_pretrained(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == saved  # card and adapter as they were

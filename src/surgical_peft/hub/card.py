@@ -9,9 +9,10 @@ recipe and a metrics table.
 
 `write_model_card` is the one place a card file is written. PEFT's `save_pretrained` (and so `trainer.save_model`)
 writes this card too: PEFT has no per-method hook for the card it writes first, so the tuner routes PEFT's
-`PeftModel.create_or_update_model_card` (`surgical_peft.tuner._internals.route_model_cards`) to
-`write_card_on_save`, which writes this card for a surgical adapter (replacing a symlink named README.md, which PEFT
-would write through) and leaves every other model, and a README.md file already in the directory, to PEFT.
+`PeftModel.create_or_update_model_card` and `save_pretrained` (`surgical_peft.tuner._internals.route_model_cards`):
+for a surgical adapter (`owns_card`), `write_card_on_save` writes this card once the weights are saved, replacing an
+earlier save's card or a symlink named README.md (which PEFT would write through); every other model, and a user's
+own README.md, are left to PEFT.
 
 Example:
     >>> import tempfile, torch
@@ -50,6 +51,7 @@ __all__ = [
     "adapter_size",
     "describe_adapter_size",
     "render_model_card",
+    "owns_card",
     "write_card_on_save",
     "write_model_card",
 ]
@@ -244,14 +246,34 @@ def write_model_card(directory: str | os.PathLike[str], card: str) -> Path:
     return write_file(Path(directory) / CARD_NAME, card)
 
 
-def write_card_on_save(model: Any, directory: str | os.PathLike[str]) -> bool:
-    """What PEFT's `save_pretrained` runs for its card (see the module docstring): for a `PeftModel` whose active
-    adapter is a surgical one, and a directory without a README.md file, write this package's card
-    (`render_model_card`) and return `True`; otherwise return `False`, and PEFT creates or updates its own. A symlink
-    named README.md counts as none: the card replaces it (PEFT would write through it, into the file it points to)."""
+def owns_card(model: Any, directory: str | os.PathLike[str]) -> bool:
+    """Whether PEFT's `save_pretrained` of `model` into `directory` writes this package's card (see the module
+    docstring): for a `PeftModel` whose active adapter is a surgical one, where `directory` holds no README.md file,
+    a card this package wrote (an earlier save's, which PEFT would rewrite as its own), or a symlink named README.md
+    (PEFT would write through it, into the file it points to). A user's own README.md is left to PEFT, which updates
+    it."""
     config = model.peft_config.get(model.active_adapter)
-    existing = Path(directory, CARD_NAME)
-    if getattr(config, "peft_type", None) != "SURGICAL" or (existing.exists() and not existing.is_symlink()):
+    if getattr(config, "peft_type", None) != "SURGICAL":
         return False
+    existing = Path(directory, CARD_NAME)
+    return existing.is_symlink() or not existing.exists() or _written_here(existing)
+
+
+def _written_here(card: Path) -> bool:
+    """Whether the card file `card` is one this package wrote (its front matter's tags hold `surgical-fine-tuning`)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        with card.open("rb") as file:
+            if file.read(3) != b"---":  # no front matter (huggingface_hub would log that it found none)
+                return False
+        tags = ModelCard.load(card).data.tags or []
+    except Exception:  # (not a card huggingface_hub can read: a user's file)
+        return False
+    return _TAG in tags
+
+
+def write_card_on_save(model: Any, directory: str | os.PathLike[str]) -> None:
+    """Write this package's card (`render_model_card`) for `model` into `directory`, as PEFT's `save_pretrained` does
+    once the weights are saved, where `owns_card` says so."""
     write_model_card(directory, render_model_card(model))
-    return True

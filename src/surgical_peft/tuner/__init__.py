@@ -45,15 +45,22 @@ __all__ = [
 ]
 
 
-def _write_card(model: object, directory: str) -> bool:
-    """The card `save_pretrained` writes for a surgical adapter: this package's (`surgical_peft.hub.card`)."""
-    from ..hub.card import write_card_on_save  # (imported when a model is saved)
+def _owns_card(model: object, directory: str) -> bool:
+    """Whether `save_pretrained` writes this package's card (`surgical_peft.hub.card.owns_card`)."""
+    from ..hub.card import owns_card  # (imported when a model is saved)
 
-    return write_card_on_save(model, directory)
+    return owns_card(model, directory)
+
+
+def _write_card(model: object, directory: str) -> None:
+    """The card `save_pretrained` writes for a surgical adapter: this package's (`surgical_peft.hub.card`)."""
+    from ..hub.card import write_card_on_save
+
+    write_card_on_save(model, directory)
 
 
 register_method(SURGICAL, SurgicalConfig, SurgicalModel)
 route_config_reads(read_saved_config)
 route_lora_conversion(convert_to_lora, converts_to_lora)
 read_adapter_lookups_eagerly(SurgicalModel)
-route_model_cards(_write_card)
+route_model_cards(_owns_card, _write_card)

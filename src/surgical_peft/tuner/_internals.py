@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -171,25 +172,38 @@ def route_lora_conversion(converter: Callable[..., Any], handles: Callable[[nn.M
             module.convert_to_lora = convert_to_lora
 
 
-def route_model_cards(writer: Callable[[PeftModel, str], bool]) -> None:
-    """Let `writer(peft_model, directory)` write the model card that `PeftModel.save_pretrained` writes first (and so
-    `trainer.save_model`), once: it returns `True` when it wrote one, and `False` to leave the card to PEFT's
-    `create_or_update_model_card`, unchanged.
+def route_model_cards(owns: Callable[[PeftModel, str], bool], writer: Callable[[PeftModel, str], None]) -> None:
+    """Let `writer(peft_model, directory)` write the model card of `PeftModel.save_pretrained` (and so
+    `trainer.save_model`) for the models and directories that `owns(peft_model, directory)` accepts, once; PEFT's
+    `create_or_update_model_card` writes every other card, unchanged.
 
     PEFT has no per-method hook for the card: `PeftModel` is PEFT's own class for every method, and the tuner it
-    wraps is not asked. So the one method is wrapped here, on PEFT's class, and calls PEFT's own for every model the
-    writer leaves alone."""
-    original = PeftModel.create_or_update_model_card
-    if getattr(original, "routed_to", None) is not None:
+    wraps is not asked. PEFT also writes its card first, before it computes the weights, so a save refused then (a
+    NaN in the weights) would leave a new card beside the old adapter. So two methods of PEFT's class are wrapped: its
+    card method does nothing for an owned save, and `save_pretrained` has `writer` write the card once the weights
+    are saved (on the main process only, as PEFT writes its own)."""
+    original_card = PeftModel.create_or_update_model_card
+    if getattr(original_card, "routed_to", None) is not None:
         return
+    original_save = PeftModel.save_pretrained
+    parameters = inspect.signature(original_save)
 
-    @functools.wraps(original)
+    @functools.wraps(original_card)
     def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
-        if not writer(self, output_dir):
-            original(self, output_dir)
+        if not owns(self, output_dir):
+            original_card(self, output_dir)
+
+    @functools.wraps(original_save)
+    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        bound = parameters.bind(self, save_directory, *args, **kwargs)
+        owned = bound.arguments.get("is_main_process", True) and owns(self, save_directory)
+        original_save(self, save_directory, *args, **kwargs)
+        if owned:
+            writer(self, save_directory)
 
     create_or_update_model_card.routed_to = writer
     PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel.save_pretrained = save_pretrained
 
 
 def read_adapter_lookups_eagerly(tuner_class: type) -> None:

@@ -234,13 +234,16 @@ class SurgicalConfig(PeftConfig):
 def _weights_file(path: Path, subfolder: str | None, kwargs: Mapping[str, Any]) -> Path | None:
     """The adapter's weights file: `adapter_model.safetensors` (else PEFT's `adapter_model.bin`, as PEFT falls back
     to it) in the local directory, or `adapter_model.safetensors` downloaded (cached) from the Hub; `None` where the
-    directory or the Hub repository holds the config alone."""
+    directory or the Hub repository holds the config alone. Something other than a regular file at a weights file's
+    name (a directory, a device, a dangling symlink) is a damaged adapter: an `InputError`."""
     directory = path / (subfolder or "")
     if (directory / CONFIG_NAME).is_file():
-        return next(
-            (directory / name for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if (directory / name).is_file()),
-            None,
-        )
+        for weights in (directory / SAFETENSORS_WEIGHTS_NAME, directory / WEIGHTS_NAME):
+            if weights.is_file():
+                return weights
+            if os.path.lexists(weights):  # a directory, a device, a dangling link: damage, not a config alone
+                raise InputError(f"{weights} is not a regular file ({_kind_of_entry(weights)}): a damaged adapter.")
+        return None
     hub_kwargs, _, _ = SurgicalConfig._split_kwargs(dict(kwargs))
     hub_kwargs.pop("subfolder", None)
     try:
@@ -249,6 +252,14 @@ def _weights_file(path: Path, subfolder: str | None, kwargs: Mapping[str, Any]) 
         return None
     except Exception as error:  # huggingface_hub raises many types: offline, no such repository
         raise InputError(f"Cannot find {SAFETENSORS_WEIGHTS_NAME} for the adapter {path}: {error}") from error
+
+
+def _kind_of_entry(path: Path) -> str:
+    """What stands at `path`, which is no regular file, in words."""
+    if path.is_symlink():
+        target = os.readlink(path)
+        return f"a symlink to {target}, which does not exist" if not path.exists() else f"a symlink to {target}"
+    return "a directory" if path.is_dir() else "a special file"
 
 
 def _json_object(path: Path) -> dict[str, Any]:
