@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import warnings
@@ -412,3 +413,27 @@ def test_save_pretrained_writes_its_card_after_the_weights(tmp_path: Path) -> No
     with pytest.raises(InputError, match="was not saved"):
         other.save_pretrained(tmp_path)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == saved  # card and adapter as they were
+
+
+def test_save_pretrained_into_a_read_only_directory_fails_as_peft_does() -> None:
+    """PEFT's first write is its card, whose PermissionError names the directory; with the card written after the
+    weights, the first write was safetensors', whose error was a raw SafetensorError."""
+    model = get_peft_model(build_model("resnet-basic"), SurgicalConfig(block="stage1"))
+    reachable = Path(tempfile.mkdtemp())  # (pytest's tmp_path sits in a directory only its owner may enter)
+    reachable.chmod(0o755)
+    directory = reachable / "read-only"
+    directory.mkdir(mode=0o555)
+    as_root = os.geteuid() == 0  # root writes anywhere: save as an unprivileged user
+    if as_root:
+        os.setegid(65534)
+        os.seteuid(65534)
+    try:
+        with pytest.raises(PermissionError, match=str(directory)):
+            model.save_pretrained(directory)
+    finally:
+        if as_root:
+            os.seteuid(0)
+            os.setegid(0)
+    assert list(directory.iterdir()) == []
+    directory.rmdir()
+    reachable.rmdir()

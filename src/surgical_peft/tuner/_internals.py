@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -181,7 +182,9 @@ def route_model_cards(owns: Callable[[PeftModel, str], bool], writer: Callable[[
     wraps is not asked. PEFT also writes its card first, before it computes the weights, so a save refused then (a
     NaN in the weights) would leave a new card beside the old adapter. So two methods of PEFT's class are wrapped: its
     card method does nothing for an owned save, and `save_pretrained` has `writer` write the card once the weights
-    are saved (on the main process only, as PEFT writes its own)."""
+    are saved (on the main process only, as PEFT writes its own). Where PEFT would have written its card, a temporary
+    file is created and removed, so that a directory that cannot be written to raises the `OSError` PEFT's card raised
+    (naming the path), before any weights are computed."""
     original_card = PeftModel.create_or_update_model_card
     if getattr(original_card, "routed_to", None) is not None:
         return
@@ -192,6 +195,8 @@ def route_model_cards(owns: Callable[[PeftModel, str], bool], writer: Callable[[
     def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
         if not owns(self, output_dir):
             original_card(self, output_dir)
+        else:  # where PEFT writes its card first: a directory it cannot write to fails here, as for PEFT's card
+            tempfile.TemporaryFile(dir=output_dir).close()
 
     @functools.wraps(original_save)
     def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
