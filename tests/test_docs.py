@@ -4,7 +4,8 @@
   (mktestdocs, the `test` extra). A block that needs the Hub is written ```` ```python title="Needs the Hub: ..." ````
   (the site shows the title above it) and is reported here as skipped; any other Python block must run.
 - The command-line and API reference pages, which `docs/hooks/reference.py` writes when the site is built, cover
-  every subcommand, option and public name.
+  every subcommand, option and public name, and every public function and class there shows a `>>>` example that
+  runs (pytest's `--doctest-modules` runs them).
 
 `mkdocs build --strict` (broken links, anchors and API references) runs in `.ci/run`, where the `docs` extra is
 installed.
@@ -13,8 +14,10 @@ installed.
 from __future__ import annotations
 
 import argparse
+import doctest
 import importlib
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -111,3 +114,22 @@ def test_api_reference_documents_every_public_name() -> None:
             owner, _, attribute = path.rpartition(".")
             assert getattr(importlib.import_module(owner), attribute) is getattr(module, name), path
             assert f"::: {path}\n" in page or f"][{path}]" in page, f"{module_name}.{name} is not on the API page"
+
+
+def _runs_an_example(docstring: str | None) -> bool:
+    """Whether `docstring` holds a `>>>` example that its doctest runs (not every line marked `+SKIP`)."""
+    examples = doctest.DocTestParser().get_examples(docstring or "")
+    return any(not example.options.get(doctest.SKIP, False) for example in examples)
+
+
+def test_every_public_function_and_class_has_a_runnable_example() -> None:
+    # Constants and other objects in an `__all__` are exempt: their docstrings are attribute docstrings beside them.
+    hook = _hook()
+    missing: dict[str, str] = {}  # where each name is defined -> where the API page first lists it
+    for module_name in hook.api_modules():
+        module = importlib.import_module(module_name)
+        for name in hook.public_names(module_name):
+            value = getattr(module, name)
+            if (inspect.isroutine(value) or inspect.isclass(value)) and not _runs_an_example(value.__doc__):
+                missing.setdefault(hook.defining_path(module_name, name), f"{module_name}.{name}")
+    assert not missing, "no runnable >>> example in the docstring of: " + ", ".join(missing.values())

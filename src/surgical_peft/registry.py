@@ -60,6 +60,16 @@ class Registry(Generic[T]):
         path: where its modules are (`__path__` there).
         kind: what a member is, for error messages (e.g. `"strategy"`).
         attribute: the module attribute that holds the member.
+
+    Example:
+        >>> import surgical_peft.training.strategies as package
+        >>> strategies = Registry(package.__name__, package.__path__, kind="strategy", attribute="STRATEGY")
+        >>> "lp-ft" in strategies.names, strategies.literal("full", "description")
+        (True, 'every block')
+        >>> strategies.check("lp_ft")
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: Unknown strategy 'lp_ft'. Valid: ...
     """
 
     def __init__(self, package: str, path: Iterable[str], *, kind: str, attribute: str) -> None:

@@ -22,7 +22,15 @@ __all__ = ["BlockEntry", "BlockMap", "format_bytes", "format_count", "num_parame
 
 class BlockEntry(NamedTuple):
     """One block: its name, the module paths it holds (or tensor paths, for tensors a container owns directly, such
-    as a ViT's `cls_token`) and their number of parameters."""
+    as a ViT's `cls_token`) and their number of parameters.
+
+    Example:
+        >>> entry = BlockEntry("embeddings", ("vit.embeddings.patch_embeddings", "vit.embeddings.cls_token"), 3_088)
+        >>> entry.name, entry.num_parameters
+        ('embeddings', 3088)
+        >>> BlockMap("ViT", [entry], structural=True).block_of("vit.embeddings.cls_token")
+        'embeddings'
+    """
 
     name: str
     modules: tuple[str, ...]
@@ -47,7 +55,12 @@ def parameters_under(model: nn.Module, paths: Iterable[str]) -> dict[str, nn.Par
 
 
 def format_count(count: int) -> str:
-    """`count` with a K/M/B suffix, e.g. `'1.2K'`."""
+    """`count` with a K/M/B suffix, e.g. `'1.2K'`.
+
+    Example:
+        >>> format_count(950), format_count(1_234), format_count(86_567_656), format_count(2_000_000_000)
+        ('950', '1.2K', '86.6M', '2.0B')
+    """
     for divisor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if count >= divisor:
             return f"{count / divisor:.1f}{suffix}"
@@ -55,7 +68,12 @@ def format_count(count: int) -> str:
 
 
 def format_bytes(count: int) -> str:
-    """A size in bytes in kB or MB, e.g. `'1.2 kB'` (an adapter's size on disk)."""
+    """A size in bytes in kB or MB, e.g. `'1.2 kB'` (an adapter's size on disk).
+
+    Example:
+        >>> format_bytes(80), format_bytes(12_345), format_bytes(1_234_567)
+        ('0.1 kB', '12.3 kB', '1.23 MB')
+    """
     return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
 
 

@@ -22,7 +22,17 @@ __all__ = ["list_blocks", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose parameters a block map names: DDP, DataParallel and `PeftModel` wrappers removed."""
+    """The module whose parameters a block map names: DDP, DataParallel and `PeftModel` wrappers removed.
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> from torch import nn
+        >>> from surgical_peft import SurgicalConfig
+        >>> base = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> model = get_peft_model(base, SurgicalConfig(target_modules=["2"]))
+        >>> unwrap_model(model) is base, unwrap_model(nn.DataParallel(base)) is base
+        (True, True)
+    """
     model = extract_model_from_parallel(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

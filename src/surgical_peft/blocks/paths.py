@@ -18,7 +18,14 @@ __all__ = ["from_key", "is_under", "join", "to_key"]
 
 def is_under(path: str, prefixes: Iterable[str]) -> bool:
     """Whether `path` (a module or tensor path) is one of `prefixes` or lies inside one of them (everything lies
-    inside `""`, the model itself)."""
+    inside `""`, the model itself).
+
+    Example:
+        >>> is_under("resnet.encoder.stages.0.layers.0", ["resnet.encoder.stages.0"])
+        True
+        >>> is_under("resnet.encoder.stages.10", ["resnet.encoder.stages.1"]), is_under("classifier.1", [""])
+        (False, True)
+    """
     return any(not prefix or path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
 
 

@@ -98,7 +98,20 @@ def source_config() -> ResNetConfig:
 
 
 def default_cache_dir() -> Path:
-    """Where source models are cached: `$SURGICAL_PEFT_CACHE`, else `~/.cache/surgical_peft`."""
+    """Where source models are cached: `$SURGICAL_PEFT_CACHE`, else `~/.cache/surgical_peft`.
+
+    Example:
+        >>> import os
+        >>> from pathlib import Path
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"SURGICAL_PEFT_CACHE": "/data/models"}):
+        ...     print(default_cache_dir())
+        /data/models
+        >>> with mock.patch.dict(os.environ):
+        ...     _ = os.environ.pop("SURGICAL_PEFT_CACHE", None)
+        ...     print(default_cache_dir().relative_to(Path.home()))
+        .cache/surgical_peft
+    """
     return Path(os.environ.get("SURGICAL_PEFT_CACHE", Path.home() / ".cache" / "surgical_peft"))
 
 
@@ -126,7 +139,13 @@ def source_model_path(shift: str = "none", *, seed: int = 0, cache_dir: str | os
 
 
 def is_cached(path: Path) -> bool:
-    """Whether `path` (from `source_model_path`) holds a complete source model."""
+    """Whether `path` (from `source_model_path`) holds a complete source model.
+
+    Example:
+        >>> import tempfile
+        >>> is_cached(source_model_path("fog", cache_dir=tempfile.mkdtemp()))  # not pretrained there yet
+        False
+    """
     return (path / _SOURCE_METRICS).is_file()  # written last: its presence marks a complete cache entry
 
 
@@ -161,11 +180,19 @@ def source_model(
     The same on every machine and release: its weights are drawn by `_initialise`, and it is pretrained in float64
     (saved in float32). Pretrained in float32, ten epochs amplified the last-bit differences between CPUs' vector
     kernels (AVX-512 against AVX2) into another model, which moved the demo's head row from 66.3% to 82.8%; in
-    float64 the saved weights agree but for a few last bits (`benchmarks/demo.py` compares the two).
+    float64 the saved weights agree but for a few last bits (`benchmarks/demo.py` compares the two). Pretraining
+    takes about 15 s on a 2-core CPU.
 
-    Example (about 20 s on a CPU the first time)::
-
-        model = ResNetForImageClassification.from_pretrained(source_model("fog"))
+    Example:
+        >>> import tempfile
+        >>> cache = tempfile.mkdtemp()
+        >>> source_model("rain", cache_dir=cache)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: Unknown shift 'rain'; valid choices: gaussian_noise, shot_noise, ...
+        >>> path = source_model("fog", cache_dir=cache, progress=False)  # doctest: +SKIP
+        >>> is_cached(path), ResNetForImageClassification.from_pretrained(path).num_labels  # doctest: +SKIP
+        (True, 10)
     """
     path = source_model_path(shift, seed=seed, cache_dir=cache_dir)
     if is_cached(path):
@@ -193,7 +220,19 @@ def source_model(
 
 @dataclass
 class DemoResult:
-    """The demo's results: target accuracy (mean and standard deviation over seeds) and learning rate per row."""
+    """The demo's results: target accuracy (mean and standard deviation over seeds) and learning rate per row.
+
+    Example:
+        >>> result = DemoResult(
+        ...     accuracy={"no fine-tuning": 0.15, "stage1": 0.8, "head": 0.4}, std={"stage1": 0.01, "head": 0.02},
+        ...     learning_rate={"stage1": 1e-3, "head": 1e-2}, source_accuracy=0.98, best="stage1", chart="demo.png",
+        ...     seconds=90.0)
+        >>> print(result.table())
+        tuned block           lr  target accuracy
+        no fine-tuning         -   15.0%
+        stage1             1e-03   80.0% ± 1.0  <- best
+        head               1e-02   40.0% ± 2.0
+    """
 
     accuracy: dict[str, float]
     std: dict[str, float]
@@ -289,10 +328,18 @@ def demo(
     Returns:
         A `DemoResult`.
 
-    Example (about 1.5 minutes on 2 busy CPU cores, 10-20 s less once the source model is cached)::
+    The defaults take about 1.5 minutes on 2 busy CPU cores (10-20 s less once the source model is cached).
 
-        result = demo()
-        print(result.best)  # the block to tune under this shift
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> result = demo(cache_dir=folder, output_dir=folder, progress=False)  # doctest: +SKIP
+        >>> result.best in result.accuracy, sorted(path.name for path in Path(folder).iterdir())  # doctest: +SKIP
+        (True, ['demo-resnet-clean-seed0-r2', 'demo.png', 'results.json'])
+        >>> demo(shift="rain", cache_dir=folder, output_dir=folder)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: Unknown shift 'rain'; valid choices: gaussian_noise, shot_noise, ...
     """
     start = time.perf_counter()
     splits = make_target(load_digits(_IMAGE_SIZE), shift, train_n=train_n + val_n, severity=severity, seed=seed)

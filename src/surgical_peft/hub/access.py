@@ -40,6 +40,16 @@ def check_push_access(repo_id: str, *, token: str | None = None) -> str:
         InputError: when the Hub is switched off (`HF_HUB_OFFLINE`), there is no token (`hf auth login`,
             `HF_TOKEN`), the Hub cannot be reached or refuses the token, or the token may not write to the owner's
             repositories; the message says which, in one line.
+
+    Example:
+        >>> from unittest import mock
+        >>> with mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True):  # as with HF_HUB_OFFLINE=1
+        ...     check_push_access("me/resnet-stage1-fog", token="hf_...")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: The Hub is switched off on this machine (HF_HUB_OFFLINE=1): ...
+        >>> check_push_access("resnet-stage1-fog")  # with network and a token  # doctest: +SKIP
+        'me/resnet-stage1-fog'
     """
     from huggingface_hub import HfApi, constants, get_token
 

@@ -215,7 +215,16 @@ def adapter_size(model: Any) -> tuple[int, int]:
 
 
 def describe_adapter_size(model: Any) -> str:
-    """`adapter_size` in words, e.g. `'2 tensors, 0.1 kB'`."""
+    """`adapter_size` in words, e.g. `'2 tensors, 0.1 kB'`.
+
+    Example:
+        >>> import torch
+        >>> from peft import get_peft_model
+        >>> from surgical_peft import SurgicalConfig
+        >>> base = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 300))
+        >>> describe_adapter_size(get_peft_model(base, SurgicalConfig(target_modules=["1"])))
+        '2 tensors, 6.0 kB'
+    """
     tensors, size = adapter_size(model)
     return f"{tensors} tensors, {format_bytes(size)}"
 

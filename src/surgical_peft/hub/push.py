@@ -68,9 +68,17 @@ def push_adapter(
     Returns:
         The URL of the commit.
 
-    Example (needs a Hub token and network)::
-
-        push_adapter(model, "me/resnet-stage1-noise", card={"metrics": {"accuracy": 0.9}, "license": "apache-2.0"})
+    Example:
+        >>> import torch
+        >>> from unittest import mock
+        >>> from peft import get_peft_model
+        >>> from surgical_peft import SurgicalConfig
+        >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), SurgicalConfig(target_modules=["0"]))
+        >>> with mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True):  # as with HF_HUB_OFFLINE=1
+        ...     push_adapter(model, "me/tiny-linear", card={"license": "apache-2.0"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        huggingface_hub.errors.OfflineModeIsEnabled: Cannot reach .../api/repos/create: offline mode is enabled. ...
     """
     from huggingface_hub import HfApi
 
@@ -101,9 +109,13 @@ def push_saved_adapter(
     Raises:
         InputError: if `directory` holds no adapter (no `adapter_config.json`).
 
-    Example (needs a Hub token and network)::
-
-        push_saved_adapter("outputs/demo-resnet-digits-contrast-stage1-seed0/adapter", "me/resnet-stage1-contrast")
+    Example:
+        >>> import tempfile
+        >>> push_saved_adapter(tempfile.mkdtemp(), "me/resnet-stage1")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: /... holds no adapter (adapter_config.json is missing): ...
+        >>> push_saved_adapter("run/adapter", "me/resnet-stage1")  # with a token and network  # doctest: +SKIP
     """
     from huggingface_hub import HfApi
 

@@ -35,7 +35,16 @@ _MAX_EPSILON = 1e100  # far beyond any meaningful budget; near float's range the
 
 
 def check_epsilon(epsilon: float) -> float:
-    """`epsilon`, if it is a number in (0, 1e100]; an `InputError` naming the valid range otherwise."""
+    """`epsilon`, if it is a number in (0, 1e100]; an `InputError` naming the valid range otherwise.
+
+    Example:
+        >>> check_epsilon(8)
+        8.0
+        >>> check_epsilon(float("inf"))
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: epsilon must be a number in (0, 1e+100], got inf.
+    """
     if not (isinstance(epsilon, int | float) and 0 < epsilon <= _MAX_EPSILON):
         raise InputError(f"epsilon must be a number in (0, {_MAX_EPSILON:g}], got {epsilon!r}.")
     return float(epsilon)
@@ -109,6 +118,13 @@ def noise_multiplier(epsilon: float, delta: float, steps: int) -> float:
 
     Raises:
         InputError: for epsilon <= 0 or not finite, or delta outside (0, 1).
+
+    Example:
+        >>> sigma = noise_multiplier(epsilon=2.0, delta=1e-5, steps=100)
+        >>> round(sigma, 2), spent_epsilon(sigma, steps=100, delta=1e-5) <= 2.0
+        (19.94, True)
+        >>> round(noise_multiplier(epsilon=2.0, delta=1e-5, steps=400) / sigma, 2)  # 4x the steps: 2x the noise
+        2.0
     """
     epsilon, delta = check_epsilon(epsilon), check_delta(delta)
     high = 1.0  # mu of the whole run: delta(epsilon) grows with mu

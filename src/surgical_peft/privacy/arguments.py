@@ -43,6 +43,15 @@ class PrivacyArguments:
             at most sqrt(2) already, so a bound of sqrt(2) or more clips nothing.
         noise_seed: seeds the noise, for reproducible experiments only (`None`: fresh entropy from the operating
             system; anyone who knows the seed can remove the noise).
+
+    Example:
+        >>> privacy = PrivacyArguments(epsilon=1.0, feature_norm=True)
+        >>> privacy.delta, privacy.steps, privacy.learning_rate, privacy.clipping_norm
+        (1e-05, 100, 5.0, 1.0)
+        >>> PrivacyArguments(epsilon=1.0, steps=0)
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: steps must be at least 1, got 0.
     """
 
     _argument_group_name = "differential privacy (--strategy dp-linear-probe, dp-surgical)"  # the help's section

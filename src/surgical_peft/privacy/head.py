@@ -30,6 +30,19 @@ def head_linear(model: nn.Module) -> nn.Linear:
 
     Raises:
         InputError: if the head is not a single linear layer (NoisyGD trains a linear probe).
+
+    Example:
+        >>> from torch import nn
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        >>> head_linear(model)
+        Linear(in_features=16, out_features=2, bias=True)
+        >>> head_linear(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: The model has no 'head' block to probe. Its blocks:
+        Sequential: 2 blocks, 58 parameters
+        ...
     """
     base = unwrap_model(model)
     blocks = list_blocks(base)
@@ -50,7 +63,18 @@ def head_inputs(
     model: nn.Module, dataset: Dataset | Sequence[dict[str, Any]], *, batch_size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The inputs of the model's head `nn.Linear` (float32, on the CPU) for every example, and their labels: one
-    forward pass in eval mode without gradients (BatchNorm statistics do not move)."""
+    forward pass in eval mode without gradients (BatchNorm statistics do not move).
+
+    Example:
+        >>> import torch
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        >>> pixels = torch.randn(5, 3, 16, 16)
+        >>> features, labels = head_inputs(model, [{"pixel_values": x, "labels": 1} for x in pixels], batch_size=2)
+        >>> logits = model.eval()(pixel_values=pixels).logits  # the head's outputs: the model's logits
+        >>> torch.allclose(head_linear(model)(features), logits, atol=1e-5), labels.tolist()
+        (True, [1, 1, 1, 1, 1])
+    """
     linear = head_linear(model)
     device = linear.weight.device
     captured: list[torch.Tensor] = []

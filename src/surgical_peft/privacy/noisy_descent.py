@@ -48,6 +48,18 @@ def noisy_gd(
         clipping_norm: per-example gradient norm bound (`math.inf`: no clipping, non-private only).
         noise_multiplier: noise std over `clipping_norm` (0: plain gradient descent, non-private).
         generator: the noise's random generator.
+
+    Example:
+        >>> import math, torch
+        >>> features, labels = torch.randn(100, 4), torch.arange(100) % 3
+        >>> settings = {"steps": 10, "learning_rate": 1.0, "clipping_norm": 1.0}
+        >>> weight, bias = noisy_gd(features, labels, 3, **settings, noise_multiplier=0.0, fit_bias=False)
+        >>> weight.shape, bias  # noise_multiplier=0: plain gradient descent, not private
+        (torch.Size([3, 4]), None)
+        >>> noisy_gd(features, labels, 3, steps=1, learning_rate=1.0, clipping_norm=math.inf, noise_multiplier=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Noise needs a finite clipping_norm: the sensitivity of an unclipped gradient is unbounded.
     """
     if noise_multiplier > 0 and not math.isfinite(clipping_norm):
         raise ValueError("Noise needs a finite clipping_norm: the sensitivity of an unclipped gradient is unbounded.")

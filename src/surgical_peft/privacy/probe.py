@@ -44,6 +44,15 @@ def check_private_data(model: nn.Module, num_private: int, privacy: PrivacyArgum
 
     Raises:
         InputError: naming the bad value and its valid range.
+
+    Example:
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        >>> check_private_data(model, 500, PrivacyArguments(epsilon=1.0, delta=1e-3))  # fits: nothing to say
+        >>> check_private_data(model, 2000, PrivacyArguments(epsilon=1.0, delta=1e-3))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: delta must be in (0, 1/n) = (0, 0.0005) for n = 2000 private ...
     """
     check_delta(privacy.delta, num_private)
     linear = head_linear(model)
@@ -68,6 +77,15 @@ def private_linear_probe(
 
     Raises:
         InputError: for data that does not fit the settings (see `check_private_data`).
+
+    Example:
+        >>> import torch
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        >>> data = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 2} for i in range(20)]
+        >>> record = private_linear_probe(model, data, PrivacyArguments(epsilon=1.0, delta=1e-3, feature_norm=True))
+        >>> round(record["noise_multiplier"], 1), model.classifier[1].bias.tolist()  # normalised: no bias
+        (25.7, [0.0, 0.0])
     """
     check_private_data(model, len(train_dataset), privacy)
     linear = head_linear(model)

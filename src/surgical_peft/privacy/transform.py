@@ -54,7 +54,17 @@ def _l2_normalise(features: torch.Tensor) -> torch.Tensor:
 @dataclass
 class FeatureTransform:
     """`z = P^T (n(x) - m)` with `n` the L2 normalisation (or the identity), `m` a public mean (zero when
-    normalising) and `P` an orthonormal public PCA basis (`None`: the identity)."""
+    normalising) and `P` an orthonormal public PCA basis (`None`: the identity).
+
+    Example:
+        >>> import torch
+        >>> transform = FeatureTransform.fit(torch.randn(50, 8), normalise=True, pca_dim=3)  # on public features
+        >>> features, probe = torch.randn(4, 8), torch.randn(2, 3)  # a probe trained on transform(features)
+        >>> head, bias = transform.fold(probe, None)  # the same probe on the raw features
+        >>> logits = transform(features) @ probe.T * features.norm(dim=1, keepdim=True)  # the probe's, times ||x||
+        >>> transform.fits_bias, bias, torch.allclose(features @ head.T, logits, atol=1e-5)
+        (False, None, True)
+    """
 
     normalise: bool = False
     mean: torch.Tensor | None = None

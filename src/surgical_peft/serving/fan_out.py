@@ -55,6 +55,18 @@ def fan_out(peft_model: Any, adapter_names: Sequence[str], **inputs: Any) -> dic
     Raises:
         InputError: for a model that is not a PeftModel with surgical adapters, unknown or repeated names, a model
             in training mode or with adapters disabled, or inputs without a batch.
+
+    Example:
+        >>> import torch
+        >>> from peft import get_peft_model
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> from surgical_peft import SurgicalConfig
+        >>> base = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        >>> model = get_peft_model(base, SurgicalConfig(block="head", init_weights=False), adapter_name="head").eval()
+        >>> outputs = fan_out(model, ["head", "__base__"], pixel_values=torch.randn(3, 3, 32, 32))
+        >>> tuned, plain = outputs["head"].logits, outputs["__base__"].logits  # each as that adapter alone gives it
+        >>> tuned.shape, torch.equal(tuned, plain)
+        (torch.Size([3, 2]), False)
     """
     tuner = getattr(peft_model, "base_model", None)
     if not hasattr(tuner, "surgical_layers"):

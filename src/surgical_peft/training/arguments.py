@@ -99,6 +99,15 @@ class FineTuneArguments:
             `"mlflow"`, a list of them, `"all"` (every installed one) or `"none"`; a list of trackers once checked
             (`surgical_peft.training.tracking`). Each needs its extra, e.g. `pip install 'surgical-peft[trackio]'`.
         run_name: the run's name in the trackers (default: the output directory's name).
+
+    Example:
+        >>> args = FineTuneArguments()
+        >>> args.strategy, args.blocks, args.epochs, args.learning_rate, args.batch_size
+        ('surgical', ['head'], 10, 0.001, 32)
+        >>> FineTuneArguments(lr_decay=0.5, lr_mode="rgn")
+        Traceback (most recent call last):
+        ...
+        surgical_peft.errors.InputError: lr_decay and lr_mode='rgn' both set per-tensor learning rates: choose one.
     """
 
     _argument_group_name = "fine-tuning"  # the options' section of the command line's help
@@ -301,7 +310,19 @@ class FineTuneArguments:
 @dataclass
 class FineTuneResult:
     """What `fine_tune` returns: the tuned `PeftModel`, the final metrics, per-epoch history and, for a private
-    strategy, the privacy spent."""
+    strategy, the privacy spent.
+
+    Example:
+        >>> import torch
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> from surgical_peft.training import fine_tune
+        >>> model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        >>> data = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 2} for i in range(8)]
+        >>> args = FineTuneArguments(strategy="lp-ft", blocks=["stage1"], epochs=1, batch_size=4, progress=False)
+        >>> result = fine_tune(model, data, args=args)
+        >>> type(result.model).__name__, [(row["phase"], row["epoch"]) for row in result.history], result.privacy
+        ('PeftModel', [('linear-probe', 1), ('fine-tune', 1)], None)
+    """
 
     model: PeftModel
     metrics: dict[str, float]

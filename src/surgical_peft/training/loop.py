@@ -375,6 +375,15 @@ def fine_tune(
             (`surgical_peft.labels`), an `output_dir` whose checkpoints are another run's or a longer one's
             (`identity.check_resumable`), or only batches of one image where a BatchNorm layer trains.
         TrainingError: when a loss or a trained tensor is not finite (nothing of that epoch is saved).
+
+    Example:
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        >>> data = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 2} for i in range(8)]
+        >>> args = FineTuneArguments(blocks=["stage1"], epochs=2, batch_size=4, progress=False)
+        >>> result = fine_tune(model, data, data, args)
+        >>> result.model.peft_config["default"].block, sorted(result.metrics), len(result.history)
+        (['stage1'], ['eval_accuracy', 'train_loss'], 2)
     """
     args = args or FineTuneArguments()
     id2label = getattr(getattr(unwrap_model(model), "config", None), "id2label", None)

@@ -237,7 +237,19 @@ def read_adapter_lookups_eagerly(tuner_class: type) -> None:
 
 def quiet_get_peft_model(model: nn.Module, config: Any) -> Any:
     """`peft.get_peft_model`, without the `FutureWarning` that PEFT 0.21 triggers on every call by reading
-    transformers' deprecated `model.is_gradient_checkpointing` (only that warning is silenced)."""
+    transformers' deprecated `model.is_gradient_checkpointing` (only that warning is silenced).
+
+    Example:
+        >>> import warnings
+        >>> from transformers import ResNetConfig, ResNetForImageClassification
+        >>> from surgical_peft import SurgicalConfig
+        >>> base = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error")  # any other warning would raise
+        ...     model = quiet_get_peft_model(base, SurgicalConfig(block="stage1"))
+        >>> type(model).__name__, model.peft_config["default"].block
+        ('PeftModel', 'stage1')
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return get_peft_model(model, config)

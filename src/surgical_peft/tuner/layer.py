@@ -125,7 +125,18 @@ def deduplicate_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 class SurgicalLayer(nn.Module, BaseTunerLayer):
-    """Base snapshot and per-adapter deltas of the tensors one module owns directly (see the module docstring)."""
+    """Base snapshot and per-adapter deltas of the tensors one module owns directly (see the module docstring).
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> from torch import nn
+        >>> from surgical_peft import SurgicalConfig
+        >>> base = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> model = get_peft_model(base, SurgicalConfig(target_modules=["1"]))
+        >>> layer = model.base_model.surgical_layers["1"]  # the tuner's layer for module "1"
+        >>> list(layer.tensor_paths.values()), layer.loaded
+        (['1.weight', '1.bias', '1.running_mean', '1.running_var', '1.num_batches_tracked'], ('default',))
+    """
 
     def __init__(self, module: nn.Module, path: str = "", names: tuple[str, ...] | None = None) -> None:
         """Bookkeeping for the tensors that `module` (at `path` in the model) owns directly: all of them, or only
