@@ -249,3 +249,14 @@ def test_the_source_model_is_the_same_with_another_cpus_kernels(tmp_path: Path) 
         weights.append(safetensors.torch.load_file(path / "model.safetensors"))
     differences = [float((weights[0][key] - weights[1][key]).abs().max()) for key in weights[0]]
     assert max(differences) < 1e-6, max(differences)
+
+
+def test_an_unknown_shift_is_refused_even_when_the_clean_source_model_is_cached(tmp_path: Path) -> None:
+    """The cache key of every shift but two is the clean source model's: an unknown shift returned it."""
+    demo = surgical_peft.experiments.demo
+    clean = demo.source_model_path("fog", cache_dir=tmp_path)
+    clean.mkdir(parents=True)
+    (clean / demo._SOURCE_METRICS).write_text('{"source_accuracy": 0.9}')  # a cached clean model, as far as it knows
+    assert demo.source_model("fog", cache_dir=tmp_path) == clean
+    with pytest.raises(InputError, match="Unknown shift 'rain'; valid choices: gaussian_noise"):
+        demo.source_model("rain", cache_dir=tmp_path)

@@ -45,7 +45,7 @@ from ..blocks import list_blocks
 from ..files import staged_directory, write_file
 from ..plots import bar_chart
 from ..training import FineTuneArguments, evaluate_accuracy, fine_tune
-from .data import load_digits, make_target, preprocess, split_source_target, split_target
+from .data import check_shift, load_digits, make_target, preprocess, split_source_target, split_target
 from .shifts import CORRUPTIONS
 
 __all__ = [
@@ -128,13 +128,14 @@ def _one_thread() -> Iterator[None]:
 
 
 def source_model_path(shift: str = "none", *, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where `source_model` caches the demo's source model for `shift` and `seed` (it may not be there yet).
+    """Where `source_model` caches the demo's source model for `shift` and `seed` (it may not be there yet); an
+    `InputError` for an unknown shift (whose source would otherwise be the clean one).
 
     Example:
         >>> source_model_path("fog", cache_dir="/cache").as_posix()
         '/cache/demo-resnet-clean-seed0-r2'
     """
-    kind = shift if shift in ("spurious", "subpopulation") else "clean"
+    kind = shift if check_shift(shift) in ("spurious", "subpopulation") else "clean"
     return Path(cache_dir or default_cache_dir()) / f"{SOURCE_MODEL}-{kind}-seed{seed}-{_RECIPE}"
 
 
