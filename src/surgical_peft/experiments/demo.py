@@ -98,7 +98,7 @@ def source_config() -> ResNetConfig:
 
 
 def default_cache_dir() -> Path:
-    """Where source models are cached: `$SURGICAL_PEFT_CACHE`, else `~/.cache/surgical_peft`.
+    """Where source models are cached: `$SURGICAL_PEFT_CACHE`, else (also when it is empty) `~/.cache/surgical_peft`.
 
     Example:
         >>> import os
@@ -107,12 +107,11 @@ def default_cache_dir() -> Path:
         >>> with mock.patch.dict(os.environ, {"SURGICAL_PEFT_CACHE": "/data/models"}):
         ...     print(default_cache_dir())
         /data/models
-        >>> with mock.patch.dict(os.environ):
-        ...     _ = os.environ.pop("SURGICAL_PEFT_CACHE", None)
+        >>> with mock.patch.dict(os.environ, {"SURGICAL_PEFT_CACHE": ""}):  # set but empty: not the working directory
         ...     print(default_cache_dir().relative_to(Path.home()))
         .cache/surgical_peft
     """
-    return Path(os.environ.get("SURGICAL_PEFT_CACHE", Path.home() / ".cache" / "surgical_peft"))
+    return Path(os.environ.get("SURGICAL_PEFT_CACHE") or Path.home() / ".cache" / "surgical_peft")
 
 
 @contextmanager
